@@ -1,0 +1,57 @@
+"""lm_saes: train sparse autoencoders and transcoders on language-model activations.
+
+The public API is the Language-Model-SAEs walkthrough's names, listed here explicitly. They are imported
+on first use, so that `lm-saes --help` answers without loading torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_PUBLIC = {
+    "ActivationFactory": "lm_saes.activation",
+    "ActivationFactoryConfig": "lm_saes.activation",
+    "ActivationFactoryDatasetSource": "lm_saes.activation",
+    "ActivationFactoryTarget": "lm_saes.activation",
+    "BufferShuffleConfig": "lm_saes.activation",
+    "DatasetConfig": "lm_saes.datasets",
+    "load_dataset": "lm_saes.datasets",
+    "Initializer": "lm_saes.initializer",
+    "InitializerConfig": "lm_saes.initializer",
+    "LanguageModelConfig": "lm_saes.language_model",
+    "TransformerLensLanguageModel": "lm_saes.language_model",
+    "TrainSAESettings": "lm_saes.runners.train",
+    "WandbConfig": "lm_saes.runners.train",
+    "train_sae": "lm_saes.runners.train",
+    "SAEConfig": "lm_saes.sae",
+    "SparseAutoEncoder": "lm_saes.sae",
+    "Trainer": "lm_saes.trainer",
+    "TrainerConfig": "lm_saes.trainer",
+}
+__all__ = sorted(_PUBLIC)
+
+if TYPE_CHECKING:
+    from lm_saes.activation import (
+        ActivationFactory,
+        ActivationFactoryConfig,
+        ActivationFactoryDatasetSource,
+        ActivationFactoryTarget,
+        BufferShuffleConfig,
+    )
+    from lm_saes.datasets import DatasetConfig, load_dataset
+    from lm_saes.initializer import Initializer, InitializerConfig
+    from lm_saes.language_model import LanguageModelConfig, TransformerLensLanguageModel
+    from lm_saes.runners.train import TrainSAESettings, WandbConfig, train_sae
+    from lm_saes.sae import SAEConfig, SparseAutoEncoder
+    from lm_saes.trainer import Trainer, TrainerConfig
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'lm_saes' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

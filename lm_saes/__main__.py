@@ -1,0 +1,5 @@
+import sys
+
+from lm_saes.cli import main
+
+sys.exit(main())

@@ -1,0 +1,40 @@
+"""`lm-saes VERB [hydra overrides]`: a thin dispatcher. `--help` answers without importing torch."""
+
+from __future__ import annotations
+
+import sys
+
+HELP = """\
+usage: lm-saes VERB [OVERRIDES...]
+
+Train sparse autoencoders on language-model activations. Configs are composed with Hydra from the groups
+model, dataset, activation_factory, initializer, sae and trainer; override any value with key=value.
+
+verbs:
+  train     train an SAE:  lm-saes train +sae=relu_8x [trainer.lr=3e-4 sae.expansion_factor=16 ...]
+            sweep with -m: lm-saes train -m +sae=relu_8x sae.expansion_factor=8,16 trainer.lr=1e-4,3e-4
+
+`lm-saes train --help` shows the config groups, their options and the composed config.
+Presets: model=smollm2_135m (default, offline) | pythia_160m; dataset=builtin (default, offline) |
+slimpajama_3b; +sae=relu_8x.
+"""
+
+VERBS = ("train",)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(HELP, end="")
+        return 0
+    verb, rest = args[0], args[1:]
+    if verb not in VERBS:
+        print(f"lm-saes: unknown verb {verb!r}; available: {', '.join(VERBS)} (see lm-saes --help)", file=sys.stderr)
+        return 2
+    from lm_saes.cli_config import run_hydra_verb
+
+    return run_hydra_verb(verb, rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

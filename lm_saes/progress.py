@@ -1,0 +1,66 @@
+"""Console progress for long work: a rich bar with tokens/s and ETA on a terminal, plain lines otherwise."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+class TokenProgress:
+    """Tracks tokens done against a budget; `log` prints a metrics line (always) and moves the bar (on a tty)."""
+
+    def __init__(self, total_tokens: int, description: str, console: Console | None = None) -> None:
+        self.console = console or Console(file=sys.stderr)
+        self.total_tokens = total_tokens
+        self.start = time.perf_counter()
+        self.tokens = 0
+        self._bar: Progress | None = None
+        if self.console.is_terminal:
+            self._bar = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
+                TextColumn("{task.completed:,.0f}/{task.total:,.0f} tok"), TextColumn("{task.fields[rate]}"),
+                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                console=self.console, transient=False,
+            )
+            self._task = self._bar.add_task(description, total=total_tokens, rate="", info="")
+            self._bar.start()
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / max(time.perf_counter() - self.start, 1e-9)
+
+    def advance(self, n_tokens: int) -> None:
+        self.tokens += n_tokens
+        if self._bar is not None:
+            self._bar.update(self._task, completed=self.tokens, rate=f"{self.tokens_per_second:,.0f} tok/s")
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        text = "  ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
+        if self._bar is not None:
+            self._bar.update(self._task, info=_short(metrics))
+            self._bar.console.log(text)
+        else:
+            eta = (self.total_tokens - self.tokens) / max(self.tokens_per_second, 1e-9)
+            print(f"[{self.tokens:,}/{self.total_tokens:,} tok, {self.tokens_per_second:,.0f} tok/s, ETA {eta:,.0f}s] {text}",
+                  flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _short(metrics: dict[str, Any]) -> str:
+    keys = ("explained_variance", "l0")
+    return " ".join(f"{k.split('_')[0][:4]}={_fmt(metrics[k])}" for k in keys if k in metrics)

@@ -1,0 +1,125 @@
+"""The train runner: TrainSAESettings -> model, data, activations, SAE, trainer -> a finished run directory.
+
+`train_sae(settings)` is the seed's high-level API and what `lm-saes train` calls.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, model_validator
+
+from lm_saes.activation import ActivationFactory, ActivationFactoryConfig
+from lm_saes.config_base import BaseConfig
+from lm_saes.datasets import DatasetConfig, load_dataset
+from lm_saes.errors import UserInputError
+from lm_saes.initializer import Initializer, InitializerConfig
+from lm_saes.language_model import LanguageModelConfig, TransformerLensLanguageModel
+from lm_saes.run_dir import RUN_CONFIG_FILE, claim, write_status, write_text_atomic
+from lm_saes.sae import SAEConfig, SparseAutoEncoder
+from lm_saes.trainer import Trainer, TrainerConfig
+
+
+class WandbConfig(BaseConfig):
+    mode: Literal["disabled", "offline", "online"] = "disabled"
+    project: str = "lm-saes"
+    entity: str | None = None
+
+
+class TrainSAESettings(BaseConfig):
+    sae: SAEConfig
+    initializer: InitializerConfig = InitializerConfig()
+    trainer: TrainerConfig
+    model: LanguageModelConfig = LanguageModelConfig()
+    model_name: str | None = None
+    """A short label for the model (logs, wandb); defaults to the last part of model.model_name."""
+    datasets: dict[str, DatasetConfig] = Field(min_length=1)
+    activation_factory: ActivationFactoryConfig
+    sae_name: str = "sae"
+    sae_series: str = "default"
+    """A group of related runs (the wandb group)."""
+    wandb: WandbConfig = WandbConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainSAESettings":
+        for i, source in enumerate(self.activation_factory.sources):
+            if source.name not in self.datasets:
+                raise UserInputError(
+                    f"activation_factory.sources.{i}.name", source.name, f"not a dataset; datasets: {', '.join(self.datasets)}"
+                )
+        for key, hook in (("sae.hook_point_in", self.sae.hook_point_in), ("sae.hook_point_out", self.sae.hook_point_target)):
+            if hook not in self.activation_factory.hook_points:
+                raise UserInputError(
+                    key, hook, f"must be one of activation_factory.hook_points: {', '.join(self.activation_factory.hook_points)}"
+                )
+        if self.trainer.total_training_tokens < self.activation_factory.batch_size:
+            raise UserInputError(
+                "trainer.total_training_tokens", self.trainer.total_training_tokens,
+                f"must be at least one batch (activation_factory.batch_size={self.activation_factory.batch_size})",
+            )
+        return self
+
+    @property
+    def resolved_model_name(self) -> str:
+        return self.model_name or self.model.model_name.rstrip("/").split("/")[-1].removeprefix("builtin:")
+
+
+def train_sae(settings: TrainSAESettings) -> SparseAutoEncoder:
+    """Train an SAE as `settings` say and leave a finished run directory at trainer.exp_result_path."""
+    run_dir = Path(settings.trainer.exp_result_path)
+    claim(run_dir, settings.trainer.overwrite)
+    wandb_run = None
+    try:
+        write_text_atomic(run_dir / RUN_CONFIG_FILE, yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False))
+        # Datasets first: a wrong path should fail before the model spends time loading.
+        datasets = {name: load_dataset(cfg, f"datasets.{name}.dataset_name_or_path") for name, cfg in settings.datasets.items()}
+        model = TransformerLensLanguageModel(settings.model)
+        sae_cfg = _resolve_sae_config(settings.sae, model)
+        model.check_hook_points(settings.activation_factory.hook_points, "activation_factory.hook_points")
+        stream = ActivationFactory(settings.activation_factory).process(
+            model=model, model_name=settings.resolved_model_name, datasets=datasets
+        )
+        try:
+            sae = Initializer(settings.initializer).initialize_sae_from_config(sae_cfg, activation_stream=stream)
+        except ValueError as e:
+            if "stream is empty" in str(e):
+                names = ", ".join(d.dataset_name_or_path for d in settings.datasets.values())
+                raise UserInputError("datasets", names, "the corpus is empty: it gave no text tokens") from None
+            raise
+        sae.cfg.save_hyperparameters(run_dir)
+        wandb_run = _start_wandb(settings)
+        final = Trainer(settings.trainer).fit(sae=sae, activation_stream=stream, wandb_run=wandb_run)
+        sae.save_pretrained(run_dir)
+        write_status(run_dir, "ok", metrics=final)
+        return sae
+    except BaseException as e:
+        write_status(run_dir, "failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+        raise
+    finally:
+        if wandb_run is not None:
+            wandb_run.finish()
+
+
+def _resolve_sae_config(cfg: SAEConfig, model: TransformerLensLanguageModel) -> SAEConfig:
+    """Fill d_model from the model, or check it; check the SAE's hook points exist."""
+    if cfg.d_model is not None and cfg.d_model != model.d_model:
+        raise UserInputError("sae.d_model", cfg.d_model, f"does not match the model's d_model ({model.d_model})")
+    model.check_hook_points([cfg.hook_point_in], "sae.hook_point_in")
+    model.check_hook_points([cfg.hook_point_target], "sae.hook_point_out")
+    return cfg.model_copy(update={"d_model": model.d_model})
+
+
+def _start_wandb(settings: TrainSAESettings) -> Any | None:
+    if settings.wandb.mode == "disabled":
+        return None
+    import wandb
+
+    return wandb.init(
+        project=settings.wandb.project, entity=settings.wandb.entity, name=settings.sae_name, group=settings.sae_series,
+        mode=settings.wandb.mode, dir=os.fspath(settings.trainer.exp_result_path),
+        config=settings.model_dump(mode="json"),
+    )
