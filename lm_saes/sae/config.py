@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from pydantic import Field, field_validator
 
-from lm_saes.config_base import BaseConfig, DType
+from lm_saes.config_base import BaseConfig, Device, DType
 from lm_saes.sae.activation_functions import ACTIVATION_FUNCTIONS
 
 CONFIG_FILE = "config.json"
@@ -25,7 +25,7 @@ class SAEConfig(BaseConfig):
     expansion_factor: int = Field(8, gt=0)
     act_fn: str = "relu"
     dtype: DType = torch.float32
-    device: str = "cpu"
+    device: Device = "cpu"
 
     @field_validator("act_fn")
     @classmethod

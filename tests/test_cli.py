@@ -1,0 +1,118 @@
+"""`lm-saes` through the real command line: help, a full training run, and every bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lm_saes.cli import main
+
+HOOK = "blocks.0.hook_resid_post"
+
+
+def tiny_overrides(tiny_model_dir: Path, corpus_file: Path, run_dir: Path) -> list[str]:
+    return [
+        f"model.model_name={tiny_model_dir}",
+        f"dataset.dataset_name_or_path={corpus_file}",
+        f"sae.hook_point_in={HOOK}",
+        "sae.expansion_factor=4",
+        "activation_factory.batch_size=256",
+        "activation_factory.buffer_size=1024",
+        "activation_factory.context_size=32",
+        "trainer.total_training_tokens=2560",
+        "trainer.log_frequency=5",
+        f"hydra.run.dir={run_dir}",
+    ]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    return subprocess.run([sys.executable, "-m", "lm_saes", *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_help_lists_verbs_without_importing_torch() -> None:
+    code = "import sys; from lm_saes.cli import main; main(['--help']); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "train" in out and "+sae=relu_8x" in out
+    assert out.strip().endswith("False")
+
+
+def test_unknown_verb(capsys) -> None:
+    assert main(["trian"]) == 2
+    assert "unknown verb 'trian'; available: train" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ([], "sae: missing; choose a preset with +sae=NAME, one of: relu_8x"),
+        (["+sae=relu_9x"], "sae=relu_9x: unknown preset; available: relu_8x"),
+        (["+sae=relu_8x", "trainer.lrr=3"], "trainer.lrr=3: unknown key; allowed in trainer: amp_dtype, lr,"),
+        (["+sae=relu_8x", "+trainer.lrr=3"], "trainer.lrr=3: unknown key; allowed here: amp_dtype, lr,"),
+        (["+sae=relu_8x", "sae.expansion_factr=16"], "sae.expansion_factr=16: unknown key; allowed in sae:"),
+        (["+sae=relu_8x", "trainer.lr=fast"], "trainer.lr='fast': Input should be a valid number"),
+        (["+sae=relu_8x", "sae.act_fn=gelu"], "sae.act_fn='gelu': unknown activation function; allowed: relu"),
+        (["+sae=relu_8x", "model=gpt9"], "model=gpt9: unknown preset; available: pythia_160m, smollm2_135m"),
+        (["+sae=relu_8x", "trainer.total_training_tokens=100"],
+         "trainer.total_training_tokens=100: must be at least one batch (activation_factory.batch_size=1024)"),
+        (["+sae=relu_8x", "model.dtype=float8"], "model.dtype='float8': unknown dtype; allowed: float32"),
+    ],
+)
+def test_config_mistakes_are_one_line_before_any_run_directory(overrides, expected, tmp_path, capsys) -> None:
+    run_dir = tmp_path / "run"
+    assert main(["train", *overrides, f"hydra.run.dir={run_dir}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lm-saes train: ") and expected in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not run_dir.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("sae.d_model=64", "sae.d_model=64: does not match the model's d_model (32)"),
+        ("sae.hook_point_in=blocks.5.hook_resid_post", "sae.hook_point_in='blocks.5.hook_resid_post': the model has no such hook point"),
+        ("dataset.dataset_name_or_path=/no/such/corpus.jsonl", "'/no/such/corpus.jsonl': no such file or folder"),
+        ("dataset.dataset_name_or_path=EMPTY", "the corpus is empty"),
+    ],
+)
+def test_runtime_mistakes_are_one_line_and_leave_a_failed_run(override, expected, tiny_model_dir, corpus_file, tmp_path) -> None:
+    if "EMPTY" in override:
+        empty = tmp_path / "empty.txt"
+        empty.write_text("\n\n")
+        override = override.replace("EMPTY", str(empty))
+    run_dir = tmp_path / "run"
+    result = run_cli("train", "+sae=relu_8x", *tiny_overrides(tiny_model_dir, corpus_file, run_dir), override)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if line.startswith("lm-saes train: ")]
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "failed"
+    assert not (run_dir / "sae_weights.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_train_end_to_end_through_the_cli(tiny_model_dir, corpus_file, tmp_path) -> None:
+    run_dir = tmp_path / "run"
+    args = ["train", "+sae=relu_8x", *tiny_overrides(tiny_model_dir, corpus_file, run_dir), "trainer.lr=3e-3"]
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    for name in ("config.json", "sae_weights.safetensors", "config.yaml", "metrics.json", "status.json"):
+        assert (run_dir / name).exists(), name
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "ok"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["n_training_tokens"] == 2560
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["d_model"] == 32 and config["expansion_factor"] == 4  # d_model resolved from the model
+    resolved = (run_dir / "config.yaml").read_text()
+    assert "lr: 0.003" in resolved and "${" not in resolved  # resolved, with the override applied
+    # A second run into the same directory refuses to clobber it.
+    again = run_cli(*args)
+    assert again.returncode == 2 and "already holds a finished run" in again.stderr
+    assert "Traceback" not in again.stderr

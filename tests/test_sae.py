@@ -1,0 +1,67 @@
+import pytest
+import torch
+from pydantic import ValidationError
+
+from lm_saes import SAEConfig, SparseAutoEncoder
+
+
+def _cfg(**kw) -> SAEConfig:
+    return SAEConfig(**{"hook_point_in": "blocks.0.hook_resid_post", "d_model": 16, "expansion_factor": 4, **kw})
+
+
+def test_d_sae_is_derived_not_stored() -> None:
+    cfg = _cfg()
+    assert cfg.d_sae == 64
+    assert "d_sae" not in cfg.model_dump()
+    cfg.expansion_factor = 8
+    assert cfg.d_sae == 128
+
+
+def test_sae_versus_transcoder() -> None:
+    assert not _cfg().is_transcoder and not _cfg(hook_point_out="blocks.0.hook_resid_post").is_transcoder
+    tc = _cfg(hook_point_out="blocks.0.hook_mlp_out")
+    assert tc.is_transcoder and tc.hook_point_target == "blocks.0.hook_mlp_out"
+
+
+def test_unknown_act_fn_and_unknown_key_are_rejected() -> None:
+    with pytest.raises(ValidationError, match="unknown activation function; allowed: relu"):
+        _cfg(act_fn="gelu")
+    with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
+        _cfg(expansion_factr=8)
+
+
+def test_forward_is_relu_code_through_normalisation() -> None:
+    torch.manual_seed(0)
+    sae = SparseAutoEncoder(_cfg())
+    with torch.no_grad():
+        sae.norm_factor_in.fill_(2.0)
+        sae.norm_factor_out.fill_(2.0)
+        sae.b_E.normal_()
+        sae.b_D.normal_()
+    x = torch.randn(5, 16)
+    latents = torch.relu(2 * x @ sae.W_E + sae.b_E)
+    torch.testing.assert_close(sae.encode(x), latents)
+    torch.testing.assert_close(sae(x), (latents @ sae.W_D + sae.b_D) / 2)
+    loss = sae.compute_loss(x, x, l1_coefficient=0.5)
+    expected_mse = ((latents @ sae.W_D + sae.b_D) - 2 * x).pow(2).sum(-1).mean()
+    expected_l1 = (latents * sae.W_D.norm(dim=1)).sum(-1).mean()
+    torch.testing.assert_close(loss.mse, expected_mse)
+    torch.testing.assert_close(loss.loss, expected_mse + 0.5 * expected_l1)
+
+
+def test_save_and_load_round_trip_exactly(tmp_path) -> None:
+    torch.manual_seed(0)
+    sae = SparseAutoEncoder(_cfg(hook_point_out="blocks.0.hook_mlp_out"))
+    with torch.no_grad():
+        sae.norm_factor_in.fill_(3.5)
+        sae.norm_factor_out.fill_(0.25)
+        sae.b_E.normal_()
+    sae.cfg.save_hyperparameters(tmp_path)
+    sae.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "sae_weights.safetensors"]
+    loaded = SparseAutoEncoder.from_pretrained(tmp_path)
+    assert loaded.cfg == sae.cfg
+    for name, tensor in sae.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    x = torch.randn(3, 16)
+    assert torch.equal(loaded(x), sae(x))

@@ -1,0 +1,76 @@
+import json
+
+import pytest
+import torch
+
+from lm_saes import Initializer, InitializerConfig, SAEConfig, Trainer, TrainerConfig
+
+
+def planted_stream(n_batches: int, batch: int = 256, d: int = 16, n_features: int = 32, seed: int = 0):
+    """Activations that are sparse non-negative combinations of fixed random directions."""
+    g = torch.Generator().manual_seed(seed)
+    directions = torch.nn.functional.normalize(torch.randn(n_features, d, generator=g), dim=1)
+    for _ in range(n_batches):
+        active = torch.rand(batch, n_features, generator=g) < 0.08
+        codes = torch.rand(batch, n_features, generator=g) * active
+        yield {"h": codes @ directions * 4, "tokens": torch.zeros(batch, dtype=torch.long)}
+
+
+def _sae():
+    cfg = SAEConfig(hook_point_in="h", d_model=16, expansion_factor=4)
+    return Initializer(InitializerConfig()).initialize_sae_from_config(cfg, planted_stream(2, seed=99))
+
+
+def test_training_learns_a_sparse_reconstruction(tmp_path) -> None:
+    torch.manual_seed(0)
+    sae = _sae()
+    cfg = TrainerConfig(lr=3e-3, l1_coefficient=1.0, total_training_tokens=256 * 300, log_frequency=50,
+                        exp_result_path=str(tmp_path))
+    final = Trainer(cfg).fit(sae, planted_stream(400))
+    assert final["explained_variance"] > 0.85
+    assert final["l0"] < 16  # a code sparser than the 16 input dimensions (~2.6 planted features per row)
+    assert final["n_training_tokens"] == 256 * 300
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["explained_variance"] == final["explained_variance"]
+
+
+def test_budget_smaller_than_a_batch_is_refused(tmp_path) -> None:
+    with pytest.raises(ValueError, match="smaller than one batch"):
+        Trainer(TrainerConfig(total_training_tokens=100, exp_result_path=str(tmp_path))).fit(_sae(), planted_stream(2))
+
+
+def test_learning_rate_warms_up_holds_and_cools_down(tmp_path) -> None:
+    lrs = []
+
+    class Recorder:
+        def log(self, data, step):
+            lrs.append(data["train/lr"])
+
+        def finish(self):
+            pass
+
+    cfg = TrainerConfig(lr=1e-3, total_training_tokens=256 * 20, lr_warm_up_steps=5, lr_cool_down_steps=5,
+                        log_frequency=1, exp_result_path=str(tmp_path))
+    Trainer(cfg).fit(_sae(), planted_stream(20), wandb_run=Recorder())
+    # After step s (1-based), the scheduler holds the factor for step s: warm-up (s+1)/5, then 1, then (20-s)/5.
+    expected = [min((s + 1) / 5, 1.0) if s < 15 else (20 - s) / 5 for s in range(1, 21)]
+    assert lrs == pytest.approx([1e-3 * e for e in expected])
+
+
+def test_dead_latents_are_those_that_never_fired(tmp_path) -> None:
+    sae = _sae()
+    with torch.no_grad():
+        sae.b_E[:10] = -1e6  # these can never fire
+    cfg = TrainerConfig(lr=1e-4, total_training_tokens=256 * 4, log_frequency=4, exp_result_path=str(tmp_path))
+    final = Trainer(cfg).fit(sae, planted_stream(4))
+    assert final["n_dead"] >= 10
+
+
+def test_a_non_finite_loss_stops_training(tmp_path) -> None:
+    def poisoned():
+        for batch in planted_stream(3):
+            batch["h"][0, 0] = float("nan")
+            yield batch
+
+    with pytest.raises(FloatingPointError, match="loss became nan"):
+        Trainer(TrainerConfig(total_training_tokens=512, exp_result_path=str(tmp_path))).fit(_sae(), poisoned())
