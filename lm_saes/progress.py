@@ -42,8 +42,9 @@ class TokenProgress:
         text = "  ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
         if self._bar is not None:
             self._bar.update(self._task, info=_short(metrics))
-            self._bar.console.log(text)
-        else:
+            if sys.stdout.isatty():
+                self._bar.console.log(text)
+        if not sys.stdout.isatty():  # a log file or a pipe gets plain, greppable lines
             eta = (self.total_tokens - self.tokens) / max(self.tokens_per_second, 1e-9)
             print(f"[{self.tokens:,}/{self.total_tokens:,} tok, {self.tokens_per_second:,.0f} tok/s, ETA {eta:,.0f}s] {text}",
                   flush=True)

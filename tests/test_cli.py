@@ -116,3 +116,30 @@ def test_train_end_to_end_through_the_cli(tiny_model_dir, corpus_file, tmp_path)
     again = run_cli(*args)
     assert again.returncode == 2 and "already holds a finished run" in again.stderr
     assert "Traceback" not in again.stderr
+
+
+@pytest.mark.slow
+def test_train_on_the_embedded_default(tmp_path) -> None:
+    """The issue's acceptance command, on the real SmolLM2 and the built-in corpus, offline."""
+    run_dir = tmp_path / "run"
+    result = run_cli("train", "+sae=relu_8x", "trainer.total_training_tokens=50000", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr
+    for name in ("config.json", "sae_weights.safetensors", "config.yaml", "metrics.json", "status.json"):
+        assert (run_dir / name).exists(), name
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["n_training_tokens"] == 48 * 1024  # 50,000 // 1024 steps of 1024 tokens
+    assert metrics["explained_variance"] > 0.3  # a real, if short, reconstruction
+
+
+@pytest.mark.slow
+def test_the_walkthrough_script_runs_with_embedded_names(tmp_path) -> None:
+    script = Path(__file__).parents[1] / "scripts" / "walkthrough.py"
+    out = tmp_path / "results"
+    result = subprocess.run([sys.executable, str(script), "--tokens", "10240", "--out", str(out)],
+                            capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    from lm_saes import SparseAutoEncoder
+
+    sae = SparseAutoEncoder.from_pretrained(out)
+    assert sae.cfg.d_sae == 576 * 8
+    assert json.loads((out / "metrics.json").read_text())["n_training_tokens"] == 10240

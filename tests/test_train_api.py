@@ -143,3 +143,32 @@ def test_settings_cross_checks() -> None:
             sae=SAEConfig(hook_point_in="blocks.1.hook_resid_post"), trainer=TrainerConfig(),
             datasets={"synthetic": DatasetConfig()}, activation_factory=_factory_cfg(),
         )
+
+
+@pytest.mark.slow
+def test_wandb_offline_gets_the_config_and_is_always_closed(tiny_model_dir, corpus_file, tmp_path, monkeypatch) -> None:
+    import wandb
+
+    from lm_saes import WandbConfig
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    settings = _settings(tiny_model_dir, corpus_file, tmp_path / "run")
+    settings.wandb = WandbConfig(mode="offline", project="tests")
+    train_sae(settings)
+    assert wandb.run is None  # finished
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    # The offline run's records (protobuf) hold the config and the logged metrics as plain strings.
+    records = next(runs[0].glob("run-*.wandb")).read_bytes()
+    assert b"hook_point_in" in records and b"blocks.0.hook_resid_post" in records
+    assert b"train/explained_variance" in records
+
+    # A run that fails after wandb started still closes it.
+    def explode(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("lm_saes.runners.train.Trainer.fit", explode)
+    settings.trainer.exp_result_path = str(tmp_path / "run2")
+    with pytest.raises(RuntimeError, match="boom"):
+        train_sae(settings)
+    assert wandb.run is None

@@ -1,0 +1,128 @@
+"""Training throughput on this machine: activation generation and the SAE step, against a matmul peak.
+
+    .venv/bin/python scripts/bench_train.py [--device cpu|cuda] [--gen-tokens 16384] [--steps 5]
+
+Prints one table. Quote the ratios (fraction of peak, generation vs SAE step) together with the machine line;
+absolute numbers only compare within one run on one machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from lm_saes import (
+    ActivationFactory,
+    ActivationFactoryConfig,
+    ActivationFactoryDatasetSource,
+    DatasetConfig,
+    LanguageModelConfig,
+    SAEConfig,
+    SparseAutoEncoder,
+    TransformerLensLanguageModel,
+    load_dataset,
+)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str, repeat: int) -> float:
+    """Median seconds of `fn()` over `repeat` runs, after one warm-up."""
+    fn()
+    sync(device)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def matmul_peak(device: str, n: int, repeat: int) -> float:
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    return 2 * n**3 / timed(lambda: a @ b, device, repeat)
+
+
+def sae_step(device: str, d_model: int, expansion: int, batch: int, repeat: int) -> tuple[float, float]:
+    """(tokens/s, FLOP/s) of one dense ReLU SAE training step: forward, backward, Adam."""
+    sae = SparseAutoEncoder(SAEConfig(hook_point_in="x", d_model=d_model, expansion_factor=expansion, device=device))
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    x = torch.randn(batch, d_model, device=device)
+
+    def step() -> None:
+        out = sae.compute_loss(x, x, l1_coefficient=1.0)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+
+    seconds = timed(step, device, repeat)
+    # Encoder and decoder matmuls: 2*B*D*S FLOPs each forward; the backward costs twice the forward.
+    flops = 3 * 2 * (2 * batch * d_model * sae.cfg.d_sae)
+    return batch / seconds, flops / seconds
+
+
+def activation_generation(device: str, n_tokens: int, hook: str) -> float:
+    """Tokens/s of the ActivationFactory on the embedded SmolLM2 and built-in corpus (no shuffle)."""
+    model = TransformerLensLanguageModel(LanguageModelConfig(device=device))
+    cfg = ActivationFactoryConfig(sources=[ActivationFactoryDatasetSource(name="docs")], hook_points=[hook],
+                                  batch_size=1024, context_size=256, model_batch_size=8)
+    stream = ActivationFactory(cfg).process(model=model, model_name="smollm2", datasets={"docs": load_dataset(DatasetConfig())})
+    next(stream)  # warm-up: first forward passes, tokenizer start-up
+    sync(device)
+    start, seen = time.perf_counter(), 0
+    for batch in stream:
+        seen += len(batch["tokens"])
+        if seen >= n_tokens:
+            break
+    sync(device)
+    return seen / (time.perf_counter() - start)
+
+
+def machine(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads (torch {torch.__version__})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--gen-tokens", type=int, default=16384, help="tokens of activation generation to time")
+    parser.add_argument("--steps", type=int, default=5, help="timed repeats of the SAE step and the matmul")
+    parser.add_argument("--matmul-n", type=int, default=4096, help="size of the square matmul that sets the peak")
+    args = parser.parse_args()
+    device = args.device
+
+    peak = matmul_peak(device, args.matmul_n, args.steps)
+    sae_tps, sae_flops = sae_step(device, 576, 8, 4096, args.steps)
+    gen_tps = activation_generation(device, args.gen_tokens, "blocks.6.hook_resid_post")
+
+    table = Table(title=f"lm_saes training throughput on {machine(device)}")
+    for col in ("stage", "tokens/s", "GFLOP/s", "fraction of matmul peak"):
+        table.add_column(col, justify="right" if col != "stage" else "left")
+    table.add_row(f"matmul {args.matmul_n}^3 fp32 (peak)", "", f"{peak / 1e9:,.1f}", "1.00")
+    table.add_row("SAE step: dense ReLU, d_model 576, 8x, batch 4096", f"{sae_tps:,.0f}", f"{sae_flops / 1e9:,.1f}",
+                  f"{sae_flops / peak:.2f}")
+    table.add_row("activation generation: SmolLM2-135M to blocks.6, ctx 256", f"{gen_tps:,.0f}", "", "")
+    Console().print(table)
+    Console().print(f"SAE step / generation throughput ratio: {sae_tps / gen_tps:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

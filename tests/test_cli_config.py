@@ -1,0 +1,48 @@
+"""Every shipped preset composes and validates into TrainSAESettings (Compose API, no training)."""
+
+import pytest
+
+from lm_saes import TrainSAESettings
+from lm_saes.cli_config import ConfigError, compose_single_run, group_options, settings_from_config
+
+
+@pytest.mark.parametrize("model", group_options("model"))
+@pytest.mark.parametrize("dataset", group_options("dataset"))
+def test_presets_compose_into_settings(model: str, dataset: str) -> None:
+    cfg = compose_single_run(["+sae=relu_8x", f"model={model}", f"dataset={dataset}"])
+    settings = settings_from_config(cfg, run_dir="somewhere")
+    assert isinstance(settings, TrainSAESettings)
+    assert settings.trainer.exp_result_path == "somewhere"
+    assert settings.activation_factory.hook_points == ["blocks.6.hook_resid_post"]
+    assert list(settings.datasets) == [settings.activation_factory.sources[0].name]
+
+
+def test_defaults_are_the_offline_embedded_model_and_corpus() -> None:
+    settings = settings_from_config(compose_single_run(["+sae=relu_8x"]), run_dir=None)
+    assert settings.model.model_name == "builtin:smollm2-135m"
+    assert [d.dataset_name_or_path for d in settings.datasets.values()] == ["builtin:python-docs"]
+    assert settings.sae.d_model is None  # taken from the model at run time
+    assert settings.sae_name == "relu_8x"
+    assert settings.wandb.mode == "disabled"
+
+
+def test_overrides_reach_the_settings_and_device_reaches_every_stage() -> None:
+    cfg = compose_single_run(["+sae=relu_8x", "trainer.lr=3e-4", "sae.expansion_factor=16", "device=cuda:1"])
+    settings = settings_from_config(cfg, run_dir=None)
+    assert settings.trainer.lr == 3e-4 and settings.sae.expansion_factor == 16
+    assert settings.model.device == settings.sae.device == "cuda:1"
+
+
+def test_transcoder_hooks_are_both_generated() -> None:
+    cfg = compose_single_run(["+sae=relu_8x", "sae.hook_point_in=blocks.6.ln2.hook_normalized",
+                              "sae.hook_point_out=blocks.6.hook_mlp_out"])
+    settings = settings_from_config(cfg, run_dir=None)
+    assert settings.sae.is_transcoder
+    assert settings.activation_factory.hook_points == ["blocks.6.ln2.hook_normalized", "blocks.6.hook_mlp_out"]
+
+
+def test_errors_from_several_keys_are_joined_on_one_line() -> None:
+    with pytest.raises(ConfigError) as info:
+        settings_from_config(compose_single_run(["+sae=relu_8x", "trainer.lr=-1", "sae.expansion_factor=0"]), None)
+    message = str(info.value)
+    assert "\n" not in message and "trainer.lr=-1" in message and "sae.expansion_factor=0" in message
