@@ -120,8 +120,9 @@ def main() -> None:
     table.add_row("SAE step: dense ReLU, d_model 576, 8x, batch 4096", f"{sae_tps:,.0f}", f"{sae_flops / 1e9:,.1f}",
                   f"{sae_flops / peak:.2f}")
     table.add_row("activation generation: SmolLM2-135M to blocks.6, ctx 256", f"{gen_tps:,.0f}", "", "")
-    Console().print(table)
-    Console().print(f"SAE step / generation throughput ratio: {sae_tps / gen_tps:.1f}x")
+    console = Console(width=140)  # keep the table on one line per row in logs and pipes
+    console.print(table)
+    console.print(f"SAE step / generation throughput ratio: {sae_tps / gen_tps:.1f}x")
 
 
 if __name__ == "__main__":
