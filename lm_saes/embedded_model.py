@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -60,6 +61,7 @@ def embedded_model_dir(model_name: str) -> Path:
     if (target / "config.json").exists():
         return target
     gguf = _gguf_file(package)
+    print(f"lm_saes: converting {gguf.name} into {target} (once, about 20 s)", file=sys.stderr, flush=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{label}.", dir=target.parent))
     try:

@@ -14,7 +14,7 @@ class TokenProgress:
     """Tracks tokens done against a budget; `log` prints a metrics line (always) and moves the bar (on a tty)."""
 
     def __init__(self, total_tokens: int, description: str, console: Console | None = None) -> None:
-        self.console = console or Console(file=sys.stderr)
+        self.console = console or Console(file=sys.stderr, log_path=False)
         self.total_tokens = total_tokens
         self.start = time.perf_counter()
         self.tokens = 0
@@ -63,5 +63,6 @@ def _fmt(value: Any) -> str:
 
 
 def _short(metrics: dict[str, Any]) -> str:
-    keys = ("explained_variance", "l0")
-    return " ".join(f"{k.split('_')[0][:4]}={_fmt(metrics[k])}" for k in keys if k in metrics)
+    """The two numbers people watch, for the end of the bar."""
+    labels = {"explained_variance": "EV", "l0": "L0"}
+    return " ".join(f"{label}={metrics[k]:.3g}" for k, label in labels.items() if k in metrics)

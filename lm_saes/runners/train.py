@@ -6,12 +6,14 @@
 from __future__ import annotations
 
 import os
+import sys
 import traceback
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import Field, model_validator
+from rich.console import Console
 
 from lm_saes.activation import ActivationFactory, ActivationFactoryConfig
 from lm_saes.config_base import BaseConfig
@@ -95,6 +97,10 @@ def train_sae(settings: TrainSAESettings) -> SparseAutoEncoder:
         final = Trainer(settings.trainer).fit(sae=sae, activation_stream=stream, wandb_run=wandb_run)
         sae.save_pretrained(run_dir)
         write_status(run_dir, "ok", metrics=final)
+        Console(file=sys.stderr).print(
+            f"[green]done[/]: {run_dir}  explained_variance={final['explained_variance']:.3f}  l0={final['l0']:.1f}  "
+            f"dead={final['dead_fraction']:.1%}  ({final['n_training_tokens']:,} tokens)"
+        )
         return sae
     except BaseException as e:
         write_status(run_dir, "failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
@@ -120,6 +126,7 @@ def _start_wandb(settings: TrainSAESettings) -> Any | None:
 
     return wandb.init(
         project=settings.wandb.project, entity=settings.wandb.entity, name=settings.sae_name, group=settings.sae_series,
-        mode=settings.wandb.mode, dir=os.fspath(settings.trainer.exp_result_path),
+        tags=[settings.resolved_model_name, settings.sae.act_fn], mode=settings.wandb.mode,
+        dir=os.fspath(settings.trainer.exp_result_path),
         config=settings.model_dump(mode="json"),
     )
