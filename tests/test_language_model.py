@@ -54,3 +54,15 @@ def test_config_rejects_bad_device_and_dtype() -> None:
     with pytest.raises(ValueError, match="allowed: float32"):
         LanguageModelConfig(dtype="float8")
     assert LanguageModelConfig(dtype="torch.float16").dtype == torch.float16
+
+
+def test_pythia_preset_loads_from_a_local_folder(tmp_path) -> None:
+    from lm_saes.cli_config import compose_single_run, settings_from_config
+
+    folder = save_tiny_model(tmp_path / "pythia-like", architecture="gpt_neox")
+    cfg = compose_single_run(["+sae=relu_8x", "model=pythia_160m", f"model.model_name={folder}",
+                              "sae.hook_point_in=blocks.1.hook_resid_post"])
+    settings = settings_from_config(cfg, run_dir=None)
+    model = TransformerLensLanguageModel(settings.model)
+    model.check_hook_points(settings.activation_factory.hook_points, "activation_factory.hook_points")
+    assert model.bridge.cfg.architecture == "GPTNeoXForCausalLM" and model.d_model == 32
