@@ -172,14 +172,16 @@ def run_train_job(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from lm_saes.checkpoint import CheckpointError
     from lm_saes.runners.train import train_sae
+    from lm_saes.trainer import TrainingDiverged
 
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
         settings = settings_from_config(cfg, run_dir=hydra_cfg.runtime.output_dir)
         train_sae(settings)
-    except (ConfigError, UserInputError, RunDirectoryError) as e:
+    except (ConfigError, UserInputError, RunDirectoryError, CheckpointError, TrainingDiverged) as e:
         print(f"lm-saes train: {e}", file=sys.stderr)
         if not multirun:  # in a sweep the job's status.json says failed and the others go on
             sys.exit(2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,9 +13,16 @@ from pydantic import Field
 
 from lm_saes import metrics
 from lm_saes.activation import ActivationBatch
+from lm_saes.checkpoint import (
+    Checkpoint,
+    flatten_optimizer,
+    latest_checkpoint_path,
+    save_checkpoint,
+    unflatten_optimizer,
+)
 from lm_saes.config_base import BaseConfig, DType
 from lm_saes.progress import TokenProgress
-from lm_saes.sae import SparseAutoEncoder
+from lm_saes.sae import SAELoss, SparseAutoEncoder
 
 DENSE_FREQUENCY = 0.1
 """A latent firing on more than this fraction of tokens in a log window counts as dense."""
@@ -32,9 +40,10 @@ class TrainerConfig(BaseConfig):
     lr_cool_down_steps: float = Field(0.2, ge=0)
     """Linear cool-down to zero at the end: a fraction of all steps if < 1, else a step count."""
     l1_coefficient: float = Field(5e-3, ge=0)
-    """Weight of sum_i f_i ||W_D[i]|| against the (normalised) squared error."""
+    """Weight of the variant's sparsity penalty against the (normalised) squared error: the decoder-norm-weighted
+    L1 for relu, the tanh or L0 penalty for jumprelu; topk and batchtopk have none and ignore it."""
     l1_coefficient_warmup_steps: float = Field(0.05, ge=0)
-    """Linear ramp of the L1 coefficient from 0: a fraction of all steps if < 1, else a step count."""
+    """Linear ramp of the sparsity coefficient from 0: a fraction of all steps if < 1, else a step count."""
     dead_feature_window: int = Field(1_000_000, gt=0)
     """A latent is dead once it has not fired for this many tokens (or ever, in a shorter run)."""
     log_frequency: int = Field(100, gt=0)
@@ -43,6 +52,22 @@ class TrainerConfig(BaseConfig):
     """The run directory: metrics.json here, and where train_sae saves the SAE."""
     overwrite: bool = False
     """Allow writing into a run directory that already holds a finished run."""
+    n_checkpoints: int = Field(0, ge=0)
+    """Checkpoints spread evenly over training, each enough to resume exactly (weights, optimizer, counters,
+    RNG states, the activation stream's position)."""
+    resume: bool | None = None
+    """None: continue from the run directory's last checkpoint if it has one. True: require one. False: refuse
+    a run directory that has checkpoints (start elsewhere, or delete them)."""
+
+
+def _param_groups(sae: SparseAutoEncoder, lr: float) -> list[dict[str, Any]]:
+    """JumpReLU's thresholds learn at their own rate (sae.jumprelu_lr_factor x lr)."""
+    thresholds = [p for name, p in sae.named_parameters() if name.endswith("log_threshold")]
+    rest = [p for name, p in sae.named_parameters() if not name.endswith("log_threshold")]
+    groups: list[dict[str, Any]] = [{"params": rest}]
+    if thresholds:
+        groups.append({"params": thresholds, "lr": lr * sae.cfg.jumprelu_lr_factor})
+    return groups
 
 
 def _steps(value: float, total: int) -> int:
@@ -54,17 +79,32 @@ class Trainer:
         self.cfg = cfg
 
     def fit(
-        self, sae: SparseAutoEncoder, activation_stream: Iterator[ActivationBatch], wandb_run: Any | None = None
+        self,
+        sae: SparseAutoEncoder,
+        activation_stream: Iterator[ActivationBatch],
+        wandb_run: Any | None = None,
+        resume_from: Checkpoint | None = None,
+        checkpoint_meta: dict[str, Any] | None = None,
     ) -> dict[str, float | int]:
-        """Train `sae` in place; return the final metrics (also written to exp_result_path/metrics.json)."""
+        """Train `sae` in place; return the final metrics (also written to exp_result_path/metrics.json).
+
+        With `trainer.n_checkpoints`, the whole training state (and the stream's position, when the stream has
+        a `state_dict`, as ActivationFactory's does) is saved periodically; `resume_from` continues from one.
+        `checkpoint_meta` is stored with each checkpoint (the runner puts the settings there).
+        """
         from lm_saes.run_dir import METRICS_FILE, write_json_atomic
 
         cfg, sae_cfg = self.cfg, sae.cfg
         stream = iter(activation_stream)
-        first = next(stream, None)
-        if first is None:
-            raise ValueError("the activation stream is empty: the corpus gave no tokens")
-        batch_size = len(first["tokens"])
+        if resume_from is None:
+            first = next(stream, None)
+            if first is None:
+                raise ValueError("the activation stream is empty: the corpus gave no tokens")
+            batch_size = len(first["tokens"])
+            batches: Iterator[ActivationBatch] = _chain_first(first, stream)
+        else:
+            batch_size = int(resume_from.meta["batch_size"])
+            batches = stream
         if cfg.total_training_tokens < batch_size:
             raise ValueError(
                 f"trainer.total_training_tokens={cfg.total_training_tokens} is smaller than one batch ({batch_size})"
@@ -80,62 +120,124 @@ class Trainer:
                 return max(total_steps - step, 0) / max(cool, 1)
             return 1.0
 
-        optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.betas)
+        optimizer = torch.optim.Adam(_param_groups(sae, cfg.lr), lr=cfg.lr, betas=cfg.betas)
+        state = _State(sae_cfg.d_sae, sae_cfg.device)
+        if resume_from is not None:
+            sae.load_state_dict(resume_from.section("sae"))
+            optimizer.load_state_dict(unflatten_optimizer(resume_from.section("optimizer"), resume_from.meta["param_groups"]))
+            state.load(resume_from)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-        tokens_since_fired_S = torch.zeros(sae_cfg.d_sae, dtype=torch.long, device=sae_cfg.device)
-        window = _Window(sae_cfg.d_sae, sae_cfg.device)
+        with warnings.catch_warnings():  # replaying the schedule without optimizer steps is intended here
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(state.step):  # the schedule is a pure function of the step: replay it
+                scheduler.step()
+        checkpoint_every = max(total_steps // (cfg.n_checkpoints + 1), 1) if cfg.n_checkpoints else 0
+        run_dir = Path(cfg.exp_result_path)
         final: dict[str, float | int] = {}
         progress = TokenProgress(total_steps * batch_size, f"training {sae_cfg.act_fn} SAE")
-        batches = _chain_first(first, stream)
-        tokens_seen = 0
+        progress.advance(state.tokens_seen)
+        sae.train()
         try:
-            for step in range(total_steps):
+            for step in range(state.step, total_steps):
                 batch = next(batches, None)
                 if batch is None:
                     progress.console.print(
-                        f"[yellow]warning: the activation stream ended after {tokens_seen:,} tokens, before the "
+                        f"[yellow]warning: the activation stream ended after {state.tokens_seen:,} tokens, before the "
                         f"budget of {cfg.total_training_tokens:,}; use a larger corpus or a smaller budget"
                     )
                     break
                 x_in = batch[sae_cfg.hook_point_in].to(sae_cfg.device, sae_cfg.dtype)
                 x_out = batch[sae_cfg.hook_point_target].to(sae_cfg.device, sae_cfg.dtype)
                 l1_coefficient = cfg.l1_coefficient * min(1.0, (step + 1) / l1_warm) if l1_warm else cfg.l1_coefficient
+                sae.activation_function.set_progress(step / total_steps)
+                dead_S = state.tokens_since_fired_S >= cfg.dead_feature_window
                 with torch.autocast(
                     device_type=torch.device(sae_cfg.device).type, dtype=cfg.amp_dtype,
                     enabled=cfg.amp_dtype != torch.float32,
                 ):
-                    out = sae.compute_loss(x_in, x_out, l1_coefficient)
+                    out = sae.compute_loss(x_in, x_out, l1_coefficient, dead_S=dead_S)
                 if not torch.isfinite(out.loss):
-                    raise FloatingPointError(f"the loss became {out.loss.item()} at step {step}; lower trainer.lr")
+                    last = latest_checkpoint_path(run_dir)
+                    raise TrainingDiverged(
+                        f"training diverged: the loss became {out.loss.item()} at step {step}; "
+                        + (f"the last good checkpoint is {last}; " if last else "")
+                        + "lower trainer.lr or check the activations"
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 out.loss.backward()
                 optimizer.step()
                 scheduler.step()
 
                 n = len(x_in)
-                tokens_seen += n
                 with torch.no_grad():
-                    fired_S = metrics.firing_counts(out.latents_BS) > 0
-                    tokens_since_fired_S += n
-                    tokens_since_fired_S[fired_S] = 0
-                    window.add(out, n)
+                    fired_S = state.window.add(out, n) > 0
+                    state.tokens_since_fired_S += n
+                    state.tokens_since_fired_S[fired_S] = 0
+                state.tokens_seen += n
+                state.step = step + 1
                 progress.advance(n)
-                if (step + 1) % cfg.log_frequency == 0 or step + 1 == total_steps:
-                    final = window.summary(tokens_since_fired_S, min(cfg.dead_feature_window, tokens_seen))
-                    final.update(lr=scheduler.get_last_lr()[0], l1_coefficient=l1_coefficient, n_training_tokens=tokens_seen,
-                                 step=step + 1)
+                if state.step % cfg.log_frequency == 0 or state.step == total_steps:
+                    final = state.window.summary(state.tokens_since_fired_S, min(cfg.dead_feature_window, state.tokens_seen))
+                    final.update(lr=scheduler.get_last_lr()[0], l1_coefficient=l1_coefficient,
+                                 n_training_tokens=state.tokens_seen, step=state.step)
                     progress.log(final)
                     if wandb_run is not None:
-                        wandb_run.log({f"train/{k}": v for k, v in final.items()}, step=step + 1)
-                    window = _Window(sae_cfg.d_sae, sae_cfg.device)
+                        wandb_run.log({f"train/{k}": v for k, v in final.items()}, step=state.step)
+                    state.window = _Window(sae_cfg.d_sae, sae_cfg.device)
+                if checkpoint_every and state.step % checkpoint_every == 0 and state.step < total_steps:
+                    tensors = {**{f"sae.{k}": v for k, v in sae.state_dict().items()}, **state.tensors()}
+                    opt_tensors, param_groups = flatten_optimizer(optimizer.state_dict())
+                    tensors.update({f"optimizer.{k}": v for k, v in opt_tensors.items()})
+                    if hasattr(stream, "state_dict"):
+                        tensors.update({f"stream.{k}": v for k, v in stream.state_dict().items()})
+                    save_checkpoint(run_dir, state.step, tensors, {
+                        **(checkpoint_meta or {}), "batch_size": batch_size, "param_groups": param_groups,
+                        "tokens_seen": state.tokens_seen, "has_stream_state": hasattr(stream, "state_dict"),
+                    })
         finally:
             progress.close()
-        if window.n_tokens:  # the stream ended between log lines
-            final = window.summary(tokens_since_fired_S, min(cfg.dead_feature_window, tokens_seen))
-            final.update(n_training_tokens=tokens_seen)
+        if state.window.n_tokens:  # the stream ended between log lines
+            final = state.window.summary(state.tokens_since_fired_S, min(cfg.dead_feature_window, state.tokens_seen))
+            final.update(n_training_tokens=state.tokens_seen)
         final["tokens_per_second"] = progress.tokens_per_second
-        write_json_atomic(Path(cfg.exp_result_path) / METRICS_FILE, final)
+        write_json_atomic(run_dir / METRICS_FILE, final)
         return final
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss became NaN or infinite."""
+
+
+class _State:
+    """The counters a checkpoint must hold besides the weights and the optimizer."""
+
+    def __init__(self, d_sae: int, device: str) -> None:
+        self.step = 0
+        self.tokens_seen = 0
+        self.tokens_since_fired_S = torch.zeros(d_sae, dtype=torch.long, device=device)
+        self.window = _Window(d_sae, device)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        w = self.window
+        return {
+            "state.tokens_since_fired": self.tokens_since_fired_S,
+            "state.window_fired": w.fired_S,
+            "state.window_sums": torch.tensor([w.n_tokens, *w.sums.values()], dtype=torch.float64),
+            "rng.torch": torch.get_rng_state(),
+            **({"rng.cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}),
+        }
+
+    def load(self, checkpoint: Checkpoint) -> None:
+        t, device = checkpoint.tensors, self.tokens_since_fired_S.device
+        self.step, self.tokens_seen = int(checkpoint.meta["step"]), int(checkpoint.meta["tokens_seen"])
+        self.tokens_since_fired_S = t["state.tokens_since_fired"].to(device)
+        self.window.fired_S = t["state.window_fired"].to(device)
+        n_tokens, *sums = t["state.window_sums"].tolist()
+        self.window.n_tokens = int(n_tokens)
+        self.window.sums = dict(zip(self.window.sums, sums))
+        torch.set_rng_state(t["rng.torch"])
+        if "rng.cuda" in t and torch.cuda.is_available():
+            torch.cuda.set_rng_state(t["rng.cuda"])
 
 
 def _chain_first(first: ActivationBatch, rest: Iterator[ActivationBatch]) -> Iterator[ActivationBatch]:
@@ -148,16 +250,20 @@ class _Window:
 
     def __init__(self, d_sae: int, device: str) -> None:
         self.n_tokens = 0
-        self.sums = {"mse": 0.0, "l1": 0.0, "explained_variance": 0.0, "l0": 0.0}
+        self.sums = {"mse": 0.0, "sparsity_loss": 0.0, "aux_k_loss": 0.0, "explained_variance": 0.0, "l0": 0.0}
         self.fired_S = torch.zeros(d_sae, dtype=torch.long, device=device)
 
-    def add(self, out: Any, n: int) -> None:
+    def add(self, out: SAELoss, n: int) -> torch.Tensor:
+        """Accumulate one step; return its (d_sae,) firing counts."""
         self.n_tokens += n
         self.sums["mse"] += out.mse.item() * n
-        self.sums["l1"] += out.l1.item() * n
+        self.sums["sparsity_loss"] += out.sparsity.item() * n
+        self.sums["aux_k_loss"] += out.aux_k.item() * n
         self.sums["explained_variance"] += metrics.explained_variance(out.target_BD, out.reconstruction_BD).item() * n
-        self.sums["l0"] += metrics.l0(out.latents_BS).item() * n
-        self.fired_S += metrics.firing_counts(out.latents_BS)
+        self.sums["l0"] += out.l0().item() * n
+        counts_S = out.firing_counts(len(self.fired_S))
+        self.fired_S += counts_S
+        return counts_S
 
     def summary(self, tokens_since_fired_S: torch.Tensor, dead_window: int) -> dict[str, float | int]:
         result: dict[str, float | int] = {k: v / self.n_tokens for k, v in self.sums.items()}

@@ -60,7 +60,7 @@ def sae_step(device: str, d_model: int, expansion: int, batch: int, repeat: int)
     x = torch.randn(batch, d_model, device=device)
 
     def step() -> None:
-        out = sae.compute_loss(x, x, l1_coefficient=1.0)
+        out = sae.compute_loss(x, x, sparsity_coefficient=1.0)
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()

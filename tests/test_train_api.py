@@ -94,7 +94,7 @@ def test_walkthrough_step_by_step(tiny_model_dir, corpus_file, tmp_path) -> None
     trainer.fit(sae=sae, activation_stream=stream)
     sae.save_pretrained(save_path=str(tmp_path))
     loaded = SparseAutoEncoder.from_pretrained(tmp_path)
-    assert torch.equal(loaded.W_D, sae.W_D)
+    assert torch.equal(loaded.W_D, sae.folded_state_dict()["W_D"])
 
 
 def test_train_sae_writes_a_finished_run_directory(tiny_model_dir, corpus_file, tmp_path) -> None:
@@ -108,7 +108,7 @@ def test_train_sae_writes_a_finished_run_directory(tiny_model_dir, corpus_file, 
     assert metrics["n_training_tokens"] == 256 * 20
     assert {"explained_variance", "l0", "mse", "dead_fraction"} <= set(metrics)
     assert metrics["explained_variance"] > 0.5  # it reconstructs, even after 20 steps
-    assert torch.equal(SparseAutoEncoder.from_pretrained(run).W_E, sae.W_E)
+    assert torch.equal(SparseAutoEncoder.from_pretrained(run).W_E, sae.folded_state_dict()["W_E"])
     # A rerun does not clobber the finished run unless asked.
     with pytest.raises(RunDirectoryError, match="already holds a finished run"):
         train_sae(_settings(tiny_model_dir, corpus_file, run))
@@ -172,3 +172,17 @@ def test_wandb_offline_gets_the_config_and_is_always_closed(tiny_model_dir, corp
     with pytest.raises(RuntimeError, match="boom"):
         train_sae(settings)
     assert wandb.run is None
+
+
+@pytest.mark.parametrize("buffer_size", [1024, None])
+def test_stream_resumes_exactly_from_its_state(tiny_model, corpus_file, buffer_size) -> None:
+    data = {"synthetic": load_dataset(DatasetConfig(dataset_name_or_path=str(corpus_file)))}
+    cfg = _factory_cfg(buffer_size=buffer_size)
+    whole = [b["tokens"] for b in ActivationFactory(cfg).process(model=tiny_model, model_name="t", datasets=data)]
+    stream = ActivationFactory(cfg).process(model=tiny_model, model_name="t", datasets=data)
+    head = [next(stream)["tokens"] for _ in range(7)]
+    resumed = ActivationFactory(cfg).process(model=tiny_model, model_name="t", datasets=data, state=stream.state_dict())
+    tail = [b["tokens"] for b in resumed]
+    assert len(head) + len(tail) == len(whole)
+    for a, b in zip(head + tail, whole):
+        assert torch.equal(a, b)

@@ -6,6 +6,7 @@ from lm_saes.activation.factory import (
     ActivationFactoryConfig,
     ActivationFactoryDatasetSource,
     ActivationFactoryTarget,
+    ActivationStream,
     BufferShuffleConfig,
 )
 
@@ -15,5 +16,6 @@ __all__ = [
     "ActivationFactoryConfig",
     "ActivationFactoryDatasetSource",
     "ActivationFactoryTarget",
+    "ActivationStream",
     "BufferShuffleConfig",
 ]

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from lm_saes.activation.buffer import ShuffleBuffer
+from lm_saes.activation.buffer import FifoBatcher, ShuffleBuffer
 from lm_saes.activation.packing import pack_documents
 from lm_saes.config_base import BaseConfig, Device
 from lm_saes.language_model import TransformerLensLanguageModel
@@ -69,54 +69,79 @@ class ActivationFactory:
         self.cfg = cfg
 
     def process(
-        self, *, model: TransformerLensLanguageModel, model_name: str, datasets: Mapping[str, Any]
-    ) -> Iterator[ActivationBatch]:
-        """Stream batches of activations. `model_name` labels the stream (logs, caches); it is not loaded."""
+        self,
+        *,
+        model: TransformerLensLanguageModel,
+        model_name: str,
+        datasets: Mapping[str, Any],
+        state: dict[str, torch.Tensor] | None = None,
+    ) -> "ActivationStream":
+        """Stream batches of activations. `model_name` labels the stream; it is not loaded.
+
+        `state` is a stream's `state_dict()`: the stream then continues exactly where that one was.
+        """
         missing = [s.name for s in self.cfg.sources if s.name not in datasets]
         if missing:
             raise KeyError(f"activation_factory.sources name datasets {missing} not given; have {sorted(datasets)}")
-        return self._batches(model, datasets)
+        return ActivationStream(self.cfg, model, datasets, state)
 
-    def _rows(self, model: TransformerLensLanguageModel, datasets: Mapping[str, Any]) -> Iterator[ActivationBatch]:
-        """Unshuffled rows, one chunk per forward pass, in corpus order."""
+
+class ActivationStream:
+    """An iterator of `ActivationBatch`es that can say where it is (`state_dict`) and resume from there.
+
+    Its position is: which source, how many packed contexts of it went through the model, and the
+    re-batcher's rows and random state. Resuming re-tokenizes and skips the consumed contexts (cheap) rather
+    than re-running the model on them.
+    """
+
+    def __init__(self, cfg: ActivationFactoryConfig, model: TransformerLensLanguageModel,
+                 datasets: Mapping[str, Any], state: dict[str, torch.Tensor] | None = None) -> None:
+        self.cfg, self.model, self.datasets = cfg, model, datasets
+        self.source_index = 0
+        self.contexts_done = 0
+        self.draining = False
+        if cfg.buffer_size is None:
+            self.batcher: ShuffleBuffer | FifoBatcher = FifoBatcher(cfg.batch_size)
+        else:
+            shuffle = cfg.buffer_shuffle
+            generator = torch.Generator(device=shuffle.generator_device or "cpu").manual_seed(shuffle.perm_seed)
+            self.batcher = ShuffleBuffer(cfg.buffer_size, cfg.batch_size, generator)
+        if state is not None:
+            self.load_state_dict(state)
+        self._batches = self._generate()
+
+    def __iter__(self) -> "ActivationStream":
+        return self
+
+    def __next__(self) -> ActivationBatch:
+        return next(self._batches)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        position = torch.tensor([self.source_index, self.contexts_done, int(self.draining)], dtype=torch.long)
+        return {"position": position, **{f"batcher.{k}": v for k, v in self.batcher.state_dict().items()}}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.source_index, self.contexts_done, draining = (int(v) for v in state["position"].tolist())
+        self.draining = bool(draining)
+        self.batcher.load_state_dict({k.removeprefix("batcher."): v for k, v in state.items() if k.startswith("batcher.")})
+
+    def _generate(self) -> Iterator[ActivationBatch]:
         hook_points = list(dict.fromkeys(self.cfg.hook_points))
-        for source in self.cfg.sources:
-            texts = (row["text"] for row in datasets[source.name])
-            contexts = pack_documents(texts, model.tokenizer, self.cfg.context_size)
+        while not self.draining and self.source_index < len(self.cfg.sources):
+            source = self.cfg.sources[self.source_index]
+            texts = (row["text"] for row in self.datasets[source.name])
+            contexts = pack_documents(texts, self.model.tokenizer, self.cfg.context_size)
+            for _ in zip(range(self.contexts_done), contexts):  # resume: skip what the model already saw
+                pass
             while True:
                 group = [c for _, c in zip(range(self.cfg.model_batch_size), contexts)]
                 if not group:
                     break
-                out = model.run_hooks(torch.stack(group), hook_points)
-                mask = out.mask_BT
-                rows = {name: acts[mask] for name, acts in out.activations.items()}
-                rows["tokens"] = out.tokens_BT[mask]
-                yield rows
-
-    def _batches(self, model: TransformerLensLanguageModel, datasets: Mapping[str, Any]) -> Iterator[ActivationBatch]:
-        rows = self._rows(model, datasets)
-        if self.cfg.buffer_size is None:
-            yield from _rebatch(rows, self.cfg.batch_size)
-            return
-        shuffle = self.cfg.buffer_shuffle
-        generator = torch.Generator(device=shuffle.generator_device or "cpu").manual_seed(shuffle.perm_seed)
-        buffer = ShuffleBuffer(self.cfg.buffer_size, self.cfg.batch_size, generator)
-        for chunk in rows:
-            yield from buffer.push(chunk)
-        yield from buffer.flush()
-
-
-def _rebatch(chunks: Iterator[ActivationBatch], batch_size: int) -> Iterator[ActivationBatch]:
-    """Cut a stream of variable-size chunks into batches of batch_size (the last may be smaller)."""
-    pending: list[ActivationBatch] = []
-    n_pending = 0
-    for chunk in chunks:
-        pending.append(chunk)
-        n_pending += len(chunk["tokens"])
-        while n_pending >= batch_size:
-            merged = {k: torch.cat([c[k] for c in pending]) for k in pending[0]}
-            yield {k: v[:batch_size] for k, v in merged.items()}
-            rest = {k: v[batch_size:] for k, v in merged.items()}
-            pending, n_pending = [rest], n_pending - batch_size
-    if n_pending:
-        yield {k: torch.cat([c[k] for c in pending]) for k in pending[0]}
+                out = self.model.run_hooks(torch.stack(group), hook_points)
+                rows = {name: acts[out.mask_BT] for name, acts in out.activations.items()}
+                rows["tokens"] = out.tokens_BT[out.mask_BT]
+                self.contexts_done += len(group)  # counted before the rows are handed out: they are in the batcher
+                yield from self.batcher.push(rows)
+            self.source_index, self.contexts_done = self.source_index + 1, 0
+        self.draining = True
+        yield from self.batcher.flush()

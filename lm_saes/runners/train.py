@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import traceback
 from pathlib import Path
@@ -21,7 +22,8 @@ from lm_saes.datasets import DatasetConfig, load_dataset
 from lm_saes.errors import UserInputError
 from lm_saes.initializer import Initializer, InitializerConfig
 from lm_saes.language_model import LanguageModelConfig, TransformerLensLanguageModel
-from lm_saes.run_dir import RUN_CONFIG_FILE, claim, write_status, write_text_atomic
+from lm_saes.checkpoint import CHECKPOINT_DIR, Checkpoint, CheckpointError, latest_checkpoint_path, load_checkpoint
+from lm_saes.run_dir import RUN_CONFIG_FILE, claim, is_finished, write_status, write_text_atomic
 from lm_saes.sae import SAEConfig, SparseAutoEncoder
 from lm_saes.trainer import Trainer, TrainerConfig
 
@@ -71,30 +73,45 @@ class TrainSAESettings(BaseConfig):
 
 
 def train_sae(settings: TrainSAESettings) -> SparseAutoEncoder:
-    """Train an SAE as `settings` say and leave a finished run directory at trainer.exp_result_path."""
+    """Train an SAE as `settings` say and leave a finished run directory at trainer.exp_result_path.
+
+    If that directory holds checkpoints of the same settings, training continues from the last one.
+    """
     run_dir = Path(settings.trainer.exp_result_path)
+    checkpoint_path = _checkpoint_to_resume(settings, run_dir)
     claim(run_dir, settings.trainer.overwrite)
     wandb_run = None
     try:
         write_text_atomic(run_dir / RUN_CONFIG_FILE, yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False))
+        checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path else None
+        if checkpoint is not None:
+            _check_same_settings(checkpoint, settings)
         # Datasets first: a wrong path should fail before the model spends time loading.
         datasets = {name: load_dataset(cfg, f"datasets.{name}.dataset_name_or_path") for name, cfg in settings.datasets.items()}
         model = TransformerLensLanguageModel(settings.model)
         sae_cfg = _resolve_sae_config(settings.sae, model)
         model.check_hook_points(settings.activation_factory.hook_points, "activation_factory.hook_points")
+        stream_state = checkpoint.section("stream") if checkpoint and checkpoint.meta.get("has_stream_state") else None
         stream = ActivationFactory(settings.activation_factory).process(
-            model=model, model_name=settings.resolved_model_name, datasets=datasets
+            model=model, model_name=settings.resolved_model_name, datasets=datasets, state=stream_state
         )
-        try:
-            sae = Initializer(settings.initializer).initialize_sae_from_config(sae_cfg, activation_stream=stream)
-        except ValueError as e:
-            if "stream is empty" in str(e):
-                names = ", ".join(d.dataset_name_or_path for d in settings.datasets.values())
-                raise UserInputError("datasets", names, "the corpus is empty: it gave no text tokens") from None
-            raise
+        if checkpoint is not None:
+            sae = SparseAutoEncoder(sae_cfg)  # the trainer loads the checkpoint's weights
+            Console(file=sys.stderr).print(f"resuming from {checkpoint.path} (step {checkpoint.meta['step']})")
+        else:
+            try:
+                sae = Initializer(settings.initializer).initialize_sae_from_config(sae_cfg, activation_stream=stream)
+            except ValueError as e:
+                if "stream is empty" in str(e):
+                    names = ", ".join(d.dataset_name_or_path for d in settings.datasets.values())
+                    raise UserInputError("datasets", names, "the corpus is empty: it gave no text tokens") from None
+                raise
         sae.cfg.save_hyperparameters(run_dir)
         wandb_run = _start_wandb(settings)
-        final = Trainer(settings.trainer).fit(sae=sae, activation_stream=stream, wandb_run=wandb_run)
+        final = Trainer(settings.trainer).fit(
+            sae=sae, activation_stream=stream, wandb_run=wandb_run, resume_from=checkpoint,
+            checkpoint_meta={"settings": _fingerprint(settings)},
+        )
         sae.save_pretrained(run_dir)
         write_status(run_dir, "ok", metrics=final)
         Console(file=sys.stderr).print(
@@ -108,6 +125,49 @@ def train_sae(settings: TrainSAESettings) -> SparseAutoEncoder:
     finally:
         if wandb_run is not None:
             wandb_run.finish()
+
+
+def _checkpoint_to_resume(settings: TrainSAESettings, run_dir: Path) -> Path | None:
+    """The checkpoint to continue from, per trainer.resume; `overwrite` on a finished run starts afresh."""
+    resume, latest = settings.trainer.resume, latest_checkpoint_path(run_dir)
+    if settings.trainer.overwrite and is_finished(run_dir):
+        shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
+        latest = None
+    if resume is True and latest is None:
+        raise UserInputError("trainer.resume", True, f"there is no checkpoint in {run_dir / CHECKPOINT_DIR} to resume")
+    if resume is False and latest is not None:
+        raise UserInputError(
+            "trainer.resume", False, f"{run_dir} has checkpoints; resume them (leave trainer.resume unset) or pick "
+            "another trainer.exp_result_path",
+        )
+    return latest
+
+
+_VOLATILE_TRAINER_KEYS = ("exp_result_path", "overwrite", "resume", "log_frequency", "n_checkpoints")
+
+
+def _fingerprint(settings: TrainSAESettings) -> dict[str, Any]:
+    """What must not change between a checkpoint and its resumption."""
+    data = settings.model_dump(mode="json", exclude={"wandb", "sae_name", "sae_series"})
+    for key in _VOLATILE_TRAINER_KEYS:
+        data["trainer"].pop(key, None)
+    return data
+
+
+def _check_same_settings(checkpoint: Checkpoint, settings: TrainSAESettings) -> None:
+    saved, now = checkpoint.meta.get("settings", {}), _fingerprint(settings)
+    differing = [f"{section}.{key}" for section in sorted(set(saved) | set(now))
+                 for key in sorted(set(_as_dict(saved.get(section))) | set(_as_dict(now.get(section))))
+                 if _as_dict(saved.get(section)).get(key) != _as_dict(now.get(section)).get(key)]
+    if differing:
+        raise CheckpointError(
+            f"checkpoint {checkpoint.path} was written with different settings ({', '.join(differing)}); "
+            "resume with the same settings, or pick another trainer.exp_result_path"
+        )
+
+
+def _as_dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {"": value}
 
 
 def _resolve_sae_config(cfg: SAEConfig, model: TransformerLensLanguageModel) -> SAEConfig:

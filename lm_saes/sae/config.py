@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -24,8 +25,43 @@ class SAEConfig(BaseConfig):
     """The model's hidden size; None means "take it from the model" (the runner fills it in and checks it)."""
     expansion_factor: int = Field(8, gt=0)
     act_fn: str = "relu"
+    """One of the registry in lm_saes/sae/activation_functions.py: relu, topk, batchtopk, jumprelu."""
     dtype: DType = torch.float32
     device: Device = "cpu"
+
+    # --- topk and batchtopk ---
+    top_k: int = Field(50, gt=0)
+    """Active latents per token (topk), or on average per token over a batch (batchtopk)."""
+    top_k_initial: int | None = Field(None, gt=0)
+    """Start training with this k and anneal linearly to top_k (None: constant k)."""
+    top_k_anneal_fraction: float = Field(0.0, ge=0, le=1)
+    """Fraction of training over which k anneals from top_k_initial to top_k."""
+    aux_k: int = Field(512, ge=0)
+    """AuxK: how many dead latents model the residual (0 turns AuxK off)."""
+    aux_k_coefficient: float = Field(1 / 32, ge=0)
+    """Weight of the (normalised) AuxK loss."""
+    sparse_topk: bool = True
+    """topk: decode by gathering the k decoder rows and backpropagate only through the selected latents.
+    False runs the dense reference (same outputs and gradients, d_sae/k times more work)."""
+    batchtopk_threshold_momentum: float = Field(0.01, gt=0, le=1)
+    """batchtopk: moving-average rate of the inference threshold (the smallest kept activation)."""
+
+    # --- jumprelu ---
+    jumprelu_init_threshold: float = Field(0.1, gt=0)
+    """Initial per-latent threshold (on normalised pre-activations)."""
+    jumprelu_bandwidth: float = Field(0.05, gt=0)
+    """Width of the rectangle kernel of the straight-through estimator."""
+    jumprelu_sparsity: Literal["tanh", "l0"] = "tanh"
+    """The penalty: sum tanh(c f ||W_D||) or the L0 count (both through the estimator)."""
+    jumprelu_tanh_scale: float = Field(4.0, gt=0)
+    """c in the tanh penalty."""
+    jumprelu_lr_factor: float = Field(1.0, gt=0)
+    """The threshold's learning rate relative to trainer.lr."""
+
+    # --- state of saved weights ---
+    activation_norm_folded: bool = False
+    """True in a saved SAE: the dataset-wise normalisation factors are folded into W_E, W_D and b_D, so the
+    weights act on raw activations directly. Set by save_pretrained; folding twice is refused."""
 
     @field_validator("act_fn")
     @classmethod

@@ -1,4 +1,4 @@
-"""SparseAutoEncoder: encode, decode, the training loss, and saving to a run directory."""
+"""SparseAutoEncoder: encode, decode, the training loss, folding the normalisation, and saving."""
 
 from __future__ import annotations
 
@@ -10,31 +10,51 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lm_saes.sae.activation_functions import get_activation_function
+from lm_saes import metrics
+from lm_saes.sae.activation_functions import ActivationFunction, TopK, build_activation_function
 from lm_saes.sae.config import SAEConfig
+from lm_saes.sae.sparse_topk import sparse_decode, sparse_topk_encode
 
 WEIGHTS_FILE = "sae_weights.safetensors"
 
 
 class SAELoss(NamedTuple):
     loss: torch.Tensor
-    """mse + l1_coefficient * l1 (scalar)."""
+    """mse + sparsity_coefficient * sparsity + aux_k_coefficient * aux_k (scalar)."""
     mse: torch.Tensor
     """Mean over the batch of the squared error summed over d_model, in normalised units (scalar)."""
-    l1: torch.Tensor
-    """Mean over the batch of sum_i f_i * ||W_D[i]|| (scalar)."""
-    latents_BS: torch.Tensor
+    sparsity: torch.Tensor
+    """The variant's sparsity penalty before its coefficient (scalar; 0 for topk/batchtopk)."""
+    aux_k: torch.Tensor
+    """The normalised AuxK loss (scalar; 0 when no latent is dead or the variant has none)."""
     target_BD: torch.Tensor
     """The normalised activation the SAE reconstructs."""
     reconstruction_BD: torch.Tensor
     """The normalised reconstruction."""
+    latents_BS: torch.Tensor | None
+    """Dense latents; None on the sparse TopK path, which has only the k active ones:"""
+    top_values_BK: torch.Tensor | None = None
+    top_indices_BK: torch.Tensor | None = None
+
+    def l0(self) -> torch.Tensor:
+        if self.latents_BS is not None:
+            return metrics.l0(self.latents_BS)
+        assert self.top_values_BK is not None
+        return (self.top_values_BK > 0).float().sum(dim=-1).mean()
+
+    def firing_counts(self, d_sae: int) -> torch.Tensor:
+        if self.latents_BS is not None:
+            return metrics.firing_counts(self.latents_BS)
+        assert self.top_values_BK is not None and self.top_indices_BK is not None
+        return torch.bincount(self.top_indices_BK[self.top_values_BK > 0], minlength=d_sae)
 
 
 class SparseAutoEncoder(nn.Module):
     """x -> f = act(x W_E + b_E) -> x_hat = f W_D + b_D, on dataset-normalised activations.
 
-    Inputs and outputs are raw activations: the dataset-wise scale factors (`norm_factor_in/out`, chosen so
-    that the mean activation norm is sqrt(d_model)) are buffers saved with the weights, applied inside.
+    Inputs and outputs are raw activations. While training, the dataset-wise scale factors
+    (`norm_factor_in/out`, making the mean activation norm sqrt(d_model)) are buffers applied inside;
+    `save_pretrained` folds them into the weights, so a saved SAE is plain weights on raw activations.
     """
 
     def __init__(self, cfg: SAEConfig) -> None:
@@ -42,6 +62,8 @@ class SparseAutoEncoder(nn.Module):
         self.cfg = cfg
         d_sae = cfg.d_sae  # raises if d_model was never resolved
         d_model = cfg.d_model
+        if cfg.act_fn in ("topk", "batchtopk") and max(cfg.top_k, cfg.top_k_initial or 0) > d_sae:
+            raise ValueError(f"sae.top_k={cfg.top_k} exceeds d_sae={d_sae}")
         kw = {"dtype": cfg.dtype, "device": cfg.device}
         self.W_E = nn.Parameter(torch.empty(d_model, d_sae, **kw))
         self.b_E = nn.Parameter(torch.zeros(d_sae, **kw))
@@ -52,11 +74,14 @@ class SparseAutoEncoder(nn.Module):
         nn.init.kaiming_uniform_(self.W_D)
         with torch.no_grad():
             self.W_E.copy_(self.W_D.T)
-        self.activation_function = get_activation_function(cfg.act_fn)
+        self.activation_function: ActivationFunction = build_activation_function(cfg)
 
     # --- the math, on normalised activations ---
+    def pre_activations(self, x_BD: torch.Tensor) -> torch.Tensor:
+        return x_BD @ self.W_E + self.b_E
+
     def encode_normalized(self, x_BD: torch.Tensor) -> torch.Tensor:
-        return self.activation_function(x_BD @ self.W_E + self.b_E)
+        return self.activation_function(self.pre_activations(x_BD))
 
     def decode_normalized(self, latents_BS: torch.Tensor) -> torch.Tensor:
         return latents_BS @ self.W_D + self.b_D
@@ -74,24 +99,87 @@ class SparseAutoEncoder(nn.Module):
     def decoder_norms(self) -> torch.Tensor:
         return self.W_D.norm(dim=1)
 
-    def compute_loss(self, x_in_BD: torch.Tensor, x_out_BD: torch.Tensor, l1_coefficient: float) -> SAELoss:
-        """The training loss on raw activations `x_in` (read) and `x_out` (to reconstruct; == x_in for an SAE)."""
-        target_BD = x_out_BD * self.norm_factor_out
-        latents_BS = self.encode_normalized(x_in_BD * self.norm_factor_in)
-        reconstruction_BD = self.decode_normalized(latents_BS)
-        mse = (reconstruction_BD - target_BD).pow(2).sum(dim=-1).mean()
-        l1 = (latents_BS * self.decoder_norms()).sum(dim=-1).mean()
-        return SAELoss(mse + l1_coefficient * l1, mse, l1, latents_BS, target_BD, reconstruction_BD)
+    # --- training ---
+    def compute_loss(
+        self,
+        x_in_BD: torch.Tensor,
+        x_out_BD: torch.Tensor,
+        sparsity_coefficient: float,
+        dead_S: torch.Tensor | None = None,
+    ) -> SAELoss:
+        """The training loss on raw activations `x_in` (read) and `x_out` (to reconstruct; == x_in for an SAE).
 
-    # --- persistence ---
+        `dead_S` marks dead latents; variants with AuxK train them to model the residual.
+        """
+        target_BD = x_out_BD * self.norm_factor_out
+        x_BD = x_in_BD * self.norm_factor_in
+        af = self.activation_function
+        values_BK = indices_BK = latents_BS = None
+        if type(af) is TopK and self.cfg.sparse_topk:
+            values_BK, indices_BK = sparse_topk_encode(x_BD, self.W_E, self.b_E, af.k)
+            reconstruction_BD = sparse_decode(values_BK, indices_BK, self.W_D) + self.b_D
+            sparsity = x_BD.new_zeros(())
+        else:
+            pre_BS = self.pre_activations(x_BD)
+            latents_BS = af(pre_BS)
+            reconstruction_BD = self.decode_normalized(latents_BS)
+            sparsity = af.sparsity_loss(pre_BS, latents_BS, self.decoder_norms())
+        mse = (reconstruction_BD - target_BD).pow(2).sum(dim=-1).mean()
+        aux = self._aux_k_loss(x_BD, (target_BD - reconstruction_BD).detach(), dead_S)
+        loss = mse + sparsity_coefficient * sparsity + self.cfg.aux_k_coefficient * aux
+        return SAELoss(loss, mse, sparsity, aux, target_BD, reconstruction_BD, latents_BS, values_BK, indices_BK)
+
+    def _aux_k_loss(self, x_BD: torch.Tensor, residual_BD: torch.Tensor, dead_S: torch.Tensor | None) -> torch.Tensor:
+        """AuxK (Gao et al., 2024): the top aux_k dead latents reconstruct the residual the live ones left.
+
+        Normalised by the residual's variance, so 1 means "explains nothing". Only the dead latents' columns
+        of W_E are multiplied, so it costs little while few latents are dead.
+        """
+        if not self.activation_function.uses_aux_k or dead_S is None or self.cfg.aux_k == 0 or not dead_S.any():
+            return x_BD.new_zeros(())
+        dead_idx_N = torch.nonzero(dead_S).squeeze(1)
+        pre_BN = x_BD @ self.W_E[:, dead_idx_N] + self.b_E[dead_idx_N]
+        values_BK, local_BK = pre_BN.topk(min(self.cfg.aux_k, len(dead_idx_N)), dim=-1, sorted=False)
+        aux_BD = sparse_decode(values_BK.relu(), dead_idx_N[local_BK], self.W_D)
+        total = (residual_BD - residual_BD.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
+        return (aux_BD - residual_BD).pow(2).sum() / total
+
+    # --- folding and persistence ---
+    def folded_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights with the normalisation folded in: W_E' = a W_E, W_D' = W_D / c, b_D' = b_D / c.
+
+        Pre-activations are unchanged by this (x W_E' = (a x) W_E), so the JumpReLU and BatchTopK
+        thresholds, which act on pre-activations, carry over as they are.
+        """
+        state = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        if self.cfg.activation_norm_folded:
+            return state
+        a, c = state["norm_factor_in"], state["norm_factor_out"]
+        state["W_E"] = state["W_E"] * a
+        state["W_D"] = state["W_D"] / c
+        state["b_D"] = state["b_D"] / c
+        state["norm_factor_in"] = torch.ones_like(a)
+        state["norm_factor_out"] = torch.ones_like(c)
+        return state
+
+    def fold_activation_norm(self) -> None:
+        """Fold the normalisation into the weights in place (once; a second fold is refused)."""
+        if self.cfg.activation_norm_folded:
+            raise ValueError("the activation normalisation is already folded into these weights")
+        self.load_state_dict(self.folded_state_dict())
+        self.cfg = self.cfg.model_copy(update={"activation_norm_folded": True})
+
     def save_pretrained(self, save_path: str | os.PathLike[str]) -> Path:
-        """Write `sae_weights.safetensors` and `config.json` (both atomically) into `save_path`."""
+        """Write `sae_weights.safetensors` (normalisation folded in) and `config.json`, both atomically.
+
+        The SAE in memory is left as it is (unfolded while training), so training can go on.
+        """
         from lm_saes.run_dir import atomic_path
 
         folder = Path(save_path)
-        self.cfg.save_hyperparameters(folder)
+        self.cfg.model_copy(update={"activation_norm_folded": True}).save_hyperparameters(folder)
         path = folder / WEIGHTS_FILE
-        tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        tensors = {k: v.contiguous() for k, v in self.folded_state_dict().items()}
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp))
         return path
@@ -100,9 +188,9 @@ class SparseAutoEncoder(nn.Module):
     def from_pretrained(
         cls, path: str | os.PathLike[str], device: str | None = None, dtype: torch.dtype | None = None
     ) -> "SparseAutoEncoder":
-        """Load a folder written by `save_pretrained` (a run directory). Safetensors only, never pickle."""
+        """Load a folder written by `save_pretrained` (a run directory), in eval mode. Never pickle."""
         cfg = SAEConfig.from_pretrained(path)
         updates = {k: v for k, v in {"device": device, "dtype": dtype}.items() if v is not None}
         sae = cls(cfg.model_copy(update=updates) if updates else cfg)
         sae.load_state_dict(load_file(str(Path(path) / WEIGHTS_FILE), device=sae.cfg.device), strict=True)
-        return sae
+        return sae.eval()

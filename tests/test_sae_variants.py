@@ -1,0 +1,141 @@
+"""The activation-function variants: definitions, the sparse TopK path, AuxK, and folding on save."""
+
+import pytest
+import torch
+
+from lm_saes import SAEConfig, SparseAutoEncoder
+from lm_saes.sae.activation_functions import ACTIVATION_FUNCTIONS
+
+ALL_ACT_FNS = sorted(ACTIVATION_FUNCTIONS)
+
+
+def _sae(act_fn: str, seed: int = 0, **kw) -> SparseAutoEncoder:
+    torch.manual_seed(seed)
+    cfg = SAEConfig(hook_point_in="in", d_model=16, expansion_factor=8, act_fn=act_fn, top_k=4, **kw)
+    sae = SparseAutoEncoder(cfg)
+    with torch.no_grad():
+        sae.b_E.normal_(0, 0.1)
+        sae.b_D.normal_()
+    return sae
+
+
+def test_topk_keeps_the_k_largest_per_token() -> None:
+    sae = _sae("topk")
+    pre = (torch.randperm(128) - 60).float().unsqueeze(0)  # values -60..67, each once
+    latents = sae.activation_function(pre)
+    assert (latents != 0).sum().item() == 4
+    assert sorted(latents[latents != 0].tolist()) == [64.0, 65.0, 66.0, 67.0]
+    assert torch.equal(latents != 0, pre >= 64)
+
+
+def test_batchtopk_shares_k_times_batch_and_learns_a_threshold_for_inference() -> None:
+    sae = _sae("batchtopk").train()
+    pre = torch.randn(32, 128)
+    with torch.enable_grad():
+        latents = sae.activation_function(pre)
+    assert (latents != 0).sum().item() == 4 * 32
+    assert (latents != 0).sum(dim=1).float().std() > 0  # tokens do not each get exactly k
+    threshold = sae.activation_function.threshold.item()
+    assert threshold == pytest.approx(latents[latents > 0].min().item())
+    sae.eval()
+    per_token = sae.activation_function(pre)
+    assert torch.equal(per_token, pre * (pre > threshold))
+
+
+def test_jumprelu_threshold_gets_a_gradient_only_near_the_threshold() -> None:
+    sae = _sae("jumprelu", jumprelu_init_threshold=0.5, jumprelu_bandwidth=0.2)
+    pre = torch.tensor([[0.45, 0.55, 2.0, -1.0] * 32])
+    latents = sae.activation_function(pre)
+    assert torch.equal(latents, pre * (pre > 0.5))
+    latents.sum().backward()
+    grad = sae.activation_function.log_threshold.grad
+    # d/dtheta of z H(z - theta) ~ -theta/eps inside the window |z - theta| < eps/2; chain rule through exp.
+    assert grad[0].item() == pytest.approx(-0.5 / 0.2 * 0.5)
+    assert grad[2].item() == 0 and grad[3].item() == 0
+
+
+@pytest.mark.parametrize("penalty", ["tanh", "l0"])
+def test_jumprelu_penalties(penalty: str) -> None:
+    sae = _sae("jumprelu", jumprelu_sparsity=penalty, jumprelu_init_threshold=0.3)
+    x = torch.randn(64, 16)
+    out = sae.compute_loss(x, x, sparsity_coefficient=1.0)
+    if penalty == "l0":
+        assert out.sparsity.item() == pytest.approx(out.l0().item())
+    else:
+        f = out.latents_BS
+        expected = torch.tanh(4.0 * f * sae.decoder_norms()).sum(-1).mean()
+        assert out.sparsity.item() == pytest.approx(expected.item())
+
+
+def test_sparse_topk_matches_the_dense_reference_in_outputs_and_gradients() -> None:
+    x = torch.randn(64, 16, dtype=torch.float64)
+    results = {}
+    for sparse in (True, False):
+        sae = _sae("topk", seed=1, sparse_topk=sparse, dtype=torch.float64)
+        out = sae.compute_loss(x, x, sparsity_coefficient=0.0)
+        out.loss.backward()
+        results[sparse] = (out.reconstruction_BD.detach(), {n: p.grad.clone() for n, p in sae.named_parameters()})
+    torch.testing.assert_close(results[True][0], results[False][0])
+    for name in results[False][1]:
+        torch.testing.assert_close(results[True][1][name], results[False][1][name], msg=name)
+
+
+def test_k_anneals_from_initial_to_final() -> None:
+    sae = _sae("topk", top_k_initial=20, top_k_anneal_fraction=0.5)
+    ks = []
+    for fraction in (0.0, 0.25, 0.5, 0.9):
+        sae.activation_function.set_progress(fraction)
+        ks.append(sae.activation_function.k)
+    assert ks == [20, 12, 4, 4]
+
+
+def test_aux_k_trains_only_dead_latents_on_the_residual() -> None:
+    sae = _sae("topk", aux_k=8)
+    x = torch.randn(32, 16)
+    dead = torch.zeros(128, dtype=torch.bool)
+    assert sae.compute_loss(x, x, 0.0, dead_S=dead).aux_k.item() == 0.0
+    dead[:40] = True
+    out = sae.compute_loss(x, x, 0.0, dead_S=dead)
+    assert 0 < out.aux_k.item()
+    out.aux_k.backward()
+    assert sae.W_E.grad[:, 40:].abs().sum() == 0 and sae.W_E.grad[:, :40].abs().sum() > 0
+    assert sae.W_D.grad[40:].abs().sum() == 0
+
+
+def test_relu_has_no_aux_k() -> None:
+    sae = _sae("relu")
+    x = torch.randn(8, 16)
+    assert sae.compute_loss(x, x, 0.0, dead_S=torch.ones(128, dtype=torch.bool)).aux_k.item() == 0.0
+
+
+@pytest.mark.parametrize("act_fn", ALL_ACT_FNS)
+@pytest.mark.parametrize("transcoder", [False, True])
+def test_outputs_on_raw_activations_survive_save_and_load(act_fn: str, transcoder: bool, tmp_path) -> None:
+    sae = _sae(act_fn, **({"hook_point_out": "out"} if transcoder else {}))
+    with torch.no_grad():
+        sae.norm_factor_in.fill_(0.37)
+        sae.norm_factor_out.fill_(2.9 if transcoder else 0.37)
+    if act_fn == "batchtopk":  # give it a learned threshold, as training would
+        with torch.enable_grad():
+            sae.train().activation_function(torch.randn(64, 128))
+    sae.eval()
+    x = torch.randn(50, 16) * 7
+    before = sae(x)
+    sae.save_pretrained(tmp_path)
+    loaded = SparseAutoEncoder.from_pretrained(tmp_path)
+    assert loaded.cfg.activation_norm_folded
+    assert loaded.norm_factor_in.item() == 1.0 and loaded.norm_factor_out.item() == 1.0
+    torch.testing.assert_close(loaded(x), before, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="already folded"):
+        loaded.fold_activation_norm()
+
+
+def test_folding_in_place_keeps_outputs() -> None:
+    sae = _sae("relu")
+    with torch.no_grad():
+        sae.norm_factor_in.fill_(4.0)
+        sae.norm_factor_out.fill_(4.0)
+    x = torch.randn(10, 16)
+    before = sae(x)
+    sae.fold_activation_norm()
+    torch.testing.assert_close(sae(x), before)
