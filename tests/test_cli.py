@@ -50,13 +50,15 @@ def test_unknown_verb(capsys) -> None:
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        ([], "sae: missing; choose a preset with +sae=NAME, one of: relu_8x"),
-        (["+sae=relu_9x"], "sae=relu_9x: unknown preset; available: relu_8x"),
+        ([], "sae: missing; choose a preset with +sae=NAME, one of: batchtopk_8x, jumprelu_8x, relu_8x, topk_8x, "
+             "transcoder_relu_8x, transcoder_topk_8x"),
+        (["+sae=relu_9x"], "sae=relu_9x: unknown preset; available: batchtopk_8x, jumprelu_8x, relu_8x, topk_8x,"),
         (["+sae=relu_8x", "trainer.lrr=3"], "trainer.lrr=3: unknown key; allowed in trainer: amp_dtype, lr,"),
         (["+sae=relu_8x", "+trainer.lrr=3"], "trainer.lrr=3: unknown key; allowed here: amp_dtype, lr,"),
         (["+sae=relu_8x", "sae.expansion_factr=16"], "sae.expansion_factr=16: unknown key; allowed in sae:"),
         (["+sae=relu_8x", "trainer.lr=fast"], "trainer.lr='fast': Input should be a valid number"),
-        (["+sae=relu_8x", "sae.act_fn=gelu"], "sae.act_fn='gelu': unknown activation function; allowed: relu"),
+        (["+sae=relu_8x", "sae.act_fn=gelu"],
+         "sae.act_fn='gelu': unknown activation function; allowed: relu, topk, batchtopk, jumprelu"),
         (["+sae=relu_8x", "model=gpt9"], "model=gpt9: unknown preset; available: pythia_160m, smollm2_135m"),
         (["+sae=relu_8x", "trainer.total_training_tokens=100"],
          "trainer.total_training_tokens=100: must be at least one batch (activation_factory.batch_size=1024)"),

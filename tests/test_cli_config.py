@@ -33,6 +33,20 @@ def test_overrides_reach_the_settings_and_device_reaches_every_stage() -> None:
     assert settings.model.device == settings.sae.device == "cuda:1"
 
 
+@pytest.mark.parametrize("preset", group_options("sae"))
+def test_every_sae_preset_validates(preset: str) -> None:
+    settings = settings_from_config(compose_single_run([f"+sae={preset}"]), run_dir=None)
+    assert settings.sae.act_fn == preset.removeprefix("transcoder_").split("_")[0]
+    assert settings.sae.is_transcoder == preset.startswith("transcoder_")
+    assert settings.sae_name == f"{settings.sae.act_fn}_8x"
+
+
+def test_jumprelu_preset_sets_its_own_sparsity_coefficient_and_users_can_override_it() -> None:
+    assert settings_from_config(compose_single_run(["+sae=jumprelu_8x"]), None).trainer.l1_coefficient == 1.0
+    cfg = compose_single_run(["+sae=jumprelu_8x", "trainer.l1_coefficient=0.5"])
+    assert settings_from_config(cfg, None).trainer.l1_coefficient == 0.5
+
+
 def test_transcoder_hooks_are_both_generated() -> None:
     cfg = compose_single_run(["+sae=relu_8x", "sae.hook_point_in=blocks.6.ln2.hook_normalized",
                               "sae.hook_point_out=blocks.6.hook_mlp_out"])
