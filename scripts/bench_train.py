@@ -53,9 +53,12 @@ def matmul_peak(device: str, n: int, repeat: int) -> float:
     return 2 * n**3 / timed(lambda: a @ b, device, repeat)
 
 
-def sae_step(device: str, d_model: int, expansion: int, batch: int, repeat: int) -> tuple[float, float]:
-    """(tokens/s, FLOP/s) of one dense ReLU SAE training step: forward, backward, Adam."""
-    sae = SparseAutoEncoder(SAEConfig(hook_point_in="x", d_model=d_model, expansion_factor=expansion, device=device))
+def sae_step(device: str, d_model: int, expansion: int, batch: int, repeat: int, act_fn: str = "relu",
+             top_k: int = 32, sparse: bool = True) -> tuple[float, float]:
+    """(tokens/s, executed FLOP/s) of one SAE training step: forward, backward, Adam."""
+    cfg = SAEConfig(hook_point_in="x", d_model=d_model, expansion_factor=expansion, device=device, act_fn=act_fn,
+                    top_k=top_k, sparse_topk=sparse)
+    sae = SparseAutoEncoder(cfg)
     optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
     x = torch.randn(batch, d_model, device=device)
 
@@ -66,8 +69,13 @@ def sae_step(device: str, d_model: int, expansion: int, batch: int, repeat: int)
         optimizer.step()
 
     seconds = timed(step, device, repeat)
-    # Encoder and decoder matmuls: 2*B*D*S FLOPs each forward; the backward costs twice the forward.
-    flops = 3 * 2 * (2 * batch * d_model * sae.cfg.d_sae)
+    encoder_forward = 2 * batch * d_model * cfg.d_sae
+    if act_fn == "topk" and sparse:
+        # Dense encoder forward; then five products over the k selected latents only: decoder forward,
+        # its two gradients, and the encoder's two gradients.
+        flops = encoder_forward + 5 * 2 * batch * top_k * d_model
+    else:
+        flops = 3 * 2 * encoder_forward  # encoder and decoder, forward plus a backward of twice the forward
     return batch / seconds, flops / seconds
 
 
@@ -111,14 +119,26 @@ def main() -> None:
 
     peak = matmul_peak(device, args.matmul_n, args.steps)
     sae_tps, sae_flops = sae_step(device, 576, 8, 4096, args.steps)
+    topk_rows = []
+    for expansion in (8, 32, 64):
+        for sparse in (False, True):
+            tps, flops = sae_step(device, 576, expansion, 4096, args.steps, act_fn="topk", sparse=sparse)
+            topk_rows.append((expansion, sparse, tps, flops))
     gen_tps = activation_generation(device, args.gen_tokens, "blocks.6.hook_resid_post")
 
     table = Table(title=f"lm_saes training throughput on {machine(device)}")
-    for col in ("stage", "tokens/s", "GFLOP/s", "fraction of matmul peak"):
+    for col in ("stage", "tokens/s", "GFLOP/s executed", "fraction of matmul peak"):
         table.add_column(col, justify="right" if col != "stage" else "left")
     table.add_row(f"matmul {args.matmul_n}^3 fp32 (peak)", "", f"{peak / 1e9:,.1f}", "1.00")
     table.add_row("SAE step: dense ReLU, d_model 576, 8x, batch 4096", f"{sae_tps:,.0f}", f"{sae_flops / 1e9:,.1f}",
                   f"{sae_flops / peak:.2f}")
+    dense_tps = {}
+    for expansion, sparse, tps, flops in topk_rows:
+        if not sparse:
+            dense_tps[expansion] = tps
+        speedup = f" ({tps / dense_tps[expansion]:.1f}x dense)" if sparse else ""
+        table.add_row(f"SAE step: topk k=32, {expansion}x, batch 4096, {'sparse' if sparse else 'dense'} path",
+                      f"{tps:,.0f}{speedup}", f"{flops / 1e9:,.1f}", f"{flops / peak:.2f}")
     table.add_row("activation generation: SmolLM2-135M to blocks.6, ctx 256", f"{gen_tps:,.0f}", "", "")
     console = Console(width=140)  # keep the table on one line per row in logs and pipes
     console.print(table)

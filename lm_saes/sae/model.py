@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lm_saes import metrics
+from lm_saes.errors import UserInputError
 from lm_saes.sae.activation_functions import ActivationFunction, TopK, build_activation_function
 from lm_saes.sae.config import SAEConfig
 from lm_saes.sae.sparse_topk import sparse_decode, sparse_topk_encode
@@ -63,7 +64,7 @@ class SparseAutoEncoder(nn.Module):
         d_sae = cfg.d_sae  # raises if d_model was never resolved
         d_model = cfg.d_model
         if cfg.act_fn in ("topk", "batchtopk") and max(cfg.top_k, cfg.top_k_initial or 0) > d_sae:
-            raise ValueError(f"sae.top_k={cfg.top_k} exceeds d_sae={d_sae}")
+            raise UserInputError("sae.top_k", max(cfg.top_k, cfg.top_k_initial or 0), f"must be at most d_sae ({d_sae})")
         kw = {"dtype": cfg.dtype, "device": cfg.device}
         self.W_E = nn.Parameter(torch.empty(d_model, d_sae, **kw))
         self.b_E = nn.Parameter(torch.zeros(d_sae, **kw))
