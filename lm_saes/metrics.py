@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 
@@ -51,10 +53,15 @@ def l2_ratio(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> torch.Tensor:
 def relative_reconstruction_bias(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> torch.Tensor:
     """E||x_hat||^2 / E[x . x_hat] (Wright & Sharkey 2024): 1 / the gamma minimising E||gamma x_hat - x||^2.
 
-    1 means no systematic shrinkage; x_hat = 2x gives 2, x_hat = x/2 gives 0.5.
+    1 means no systematic shrinkage; x_hat = 2x gives 2, x_hat = x/2 gives 0.5, and x_hat = 0 gives 0 (the
+    limit of x_hat = c x as c -> 0).
     """
     x, x_hat = _at_least_float32(x_BD), _at_least_float32(x_hat_BD)
-    return x_hat.pow(2).sum(dim=-1).mean() / (x * x_hat).sum(dim=-1).mean()
+    return _bias(x_hat.pow(2).sum(dim=-1).mean(), (x * x_hat).sum(dim=-1).mean())
+
+
+def _bias(x_hat_sq: Any, x_dot_x_hat: Any) -> Any:
+    return x_hat_sq * 0 if x_hat_sq == 0 else x_hat_sq / x_dot_x_hat
 
 
 class ReconstructionStats:
@@ -103,7 +110,7 @@ class ReconstructionStats:
             "explained_variance": 1 - s["sse"] / self.sum_sq_centred,
             "cosine_similarity": s["cos"] / self.n,
             "l2_ratio": s["l2_ratio"] / self.n,
-            "relative_reconstruction_bias": s["x_hat_sq"] / s["x_dot_x_hat"],
+            "relative_reconstruction_bias": _bias(s["x_hat_sq"], s["x_dot_x_hat"]),
         }
 
 

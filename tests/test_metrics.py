@@ -123,3 +123,11 @@ def test_recovered_fraction_is_right_side_up() -> None:
     assert metrics.recovered_fraction(ablated=7.0, spliced=7.0, clean=2.0) == 0.0
     assert metrics.recovered_fraction(ablated=7.0, spliced=9.0, clean=2.0) < 0  # worse than ablation
     assert metrics.recovered_fraction(ablated=2.0, spliced=2.5, clean=2.0) is None
+
+
+def test_relative_reconstruction_bias_of_a_zero_reconstruction_is_zero() -> None:
+    x = torch.randn(8, 3)
+    assert metrics.relative_reconstruction_bias(x, torch.zeros_like(x)).item() == 0.0
+    stats = metrics.ReconstructionStats()
+    stats.add(x, torch.zeros_like(x))
+    assert stats.summary()["relative_reconstruction_bias"] == 0.0
