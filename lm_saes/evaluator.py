@@ -13,7 +13,7 @@ never saw them in training) and count in no metric.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -23,6 +23,7 @@ from pydantic import Field
 from lm_saes import metrics
 from lm_saes.activation.packing import pack_documents
 from lm_saes.config_base import BaseConfig
+from lm_saes.errors import UserInputError
 from lm_saes.language_model import TransformerLensLanguageModel
 from lm_saes.sae import SparseAutoEncoder
 from lm_saes.trainer import DENSE_FREQUENCY
@@ -198,3 +199,26 @@ def tokens_read_by_training(settings: TrainSAESettings, n_training_tokens: int |
     initializer = settings.initializer.n_norm_estimation_batches * factory.batch_size
     held = factory.buffer_size if factory.buffer_size is not None else factory.batch_size
     return trained + initializer + held + factory.model_batch_size * factory.context_size
+
+
+TRAINING_EVAL_CONTEXTS = 4
+"""Held-out contexts for the evaluation during training: one forward batch, a few seconds on a CPU."""
+
+
+def training_evaluation(
+    settings: TrainSAESettings, model: TransformerLensLanguageModel, datasets: Mapping[str, Any]
+) -> Callable[[SparseAutoEncoder], dict[str, float | None]]:
+    """The `evaluate` callable for `Trainer.fit`: downstream scores on a fixed batch of contexts that lie past
+    everything the run will read from its first dataset (so never trained on)."""
+    factory = settings.activation_factory
+    skip = tokens_read_by_training(settings)
+    texts = (row["text"] for row in datasets[factory.sources[0].name])
+    contexts = held_out_contexts(texts, model, factory.context_size, skip, TRAINING_EVAL_CONTEXTS)
+    if not contexts:
+        raise UserInputError(
+            "trainer.eval_frequency", settings.trainer.eval_frequency,
+            f"needs held-out text, but the corpus ends within the {skip:,} tokens training reads; use a larger "
+            "corpus, a smaller trainer.total_training_tokens, or trainer.eval_frequency=0",
+        )
+    evaluator = Evaluator(EvaluatorConfig(n_contexts=len(contexts)))
+    return lambda sae: evaluator.evaluate(sae, model, contexts).downstream()

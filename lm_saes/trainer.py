@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,9 @@ class TrainerConfig(BaseConfig):
     """A latent is dead once it has not fired for this many tokens (or ever, in a shorter run)."""
     log_frequency: int = Field(100, gt=0)
     """Steps between log lines (console and wandb)."""
+    eval_frequency: int = Field(0, ge=0)
+    """Steps between downstream evaluations (CE/KL with the SAE spliced into the model) on a fixed held-out
+    batch, logged as eval/* and run once more after the last step into metrics.json. 0: off."""
     exp_result_path: str = "results"
     """The run directory: metrics.json here, and where train_sae saves the SAE."""
     overwrite: bool = False
@@ -54,9 +57,14 @@ class Trainer:
         self.cfg = cfg
 
     def fit(
-        self, sae: SparseAutoEncoder, activation_stream: Iterator[ActivationBatch], wandb_run: Any | None = None
+        self, sae: SparseAutoEncoder, activation_stream: Iterator[ActivationBatch], wandb_run: Any | None = None,
+        evaluate: Callable[[SparseAutoEncoder], dict[str, float | None]] | None = None,
     ) -> dict[str, float | int]:
-        """Train `sae` in place; return the final metrics (also written to exp_result_path/metrics.json)."""
+        """Train `sae` in place; return the final metrics (also written to exp_result_path/metrics.json).
+
+        `evaluate(sae)`, if given, runs every `eval_frequency` steps and once after the last step; the last
+        result is merged into the final metrics.
+        """
         from lm_saes.run_dir import METRICS_FILE, write_json_atomic
 
         cfg, sae_cfg = self.cfg, sae.cfg
@@ -128,14 +136,27 @@ class Trainer:
                     if wandb_run is not None:
                         wandb_run.log({f"train/{k}": v for k, v in final.items()}, step=step + 1)
                     window = _Window(sae_cfg.d_sae, sae_cfg.device)
+                if evaluate is not None and cfg.eval_frequency and (step + 1) % cfg.eval_frequency == 0 \
+                        and step + 1 < total_steps:  # the last step gets the final evaluation below
+                    _log_eval(evaluate(sae), step + 1, progress, wandb_run)
         finally:
             progress.close()
         if window.n_tokens:  # the stream ended between log lines
             final = window.summary(tokens_since_fired_S, min(cfg.dead_feature_window, tokens_seen))
             final.update(n_training_tokens=tokens_seen)
         final["tokens_per_second"] = progress.tokens_per_second
+        if evaluate is not None:
+            downstream = evaluate(sae)
+            _log_eval(downstream, int(final.get("step", total_steps)), progress, wandb_run)
+            final.update({k: v for k, v in downstream.items() if v is not None})
         write_json_atomic(Path(cfg.exp_result_path) / METRICS_FILE, final)
         return final
+
+
+def _log_eval(result: dict[str, float | None], step: int, progress: TokenProgress, wandb_run: Any | None) -> None:
+    progress.log({f"eval/{k}": v for k, v in result.items()})
+    if wandb_run is not None:
+        wandb_run.log({f"eval/{k}": v for k, v in result.items() if v is not None}, step=step)
 
 
 def _chain_first(first: ActivationBatch, rest: Iterator[ActivationBatch]) -> Iterator[ActivationBatch]:

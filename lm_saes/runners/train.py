@@ -19,6 +19,7 @@ from lm_saes.activation import ActivationFactory, ActivationFactoryConfig
 from lm_saes.config_base import BaseConfig
 from lm_saes.datasets import DatasetConfig, load_dataset
 from lm_saes.errors import UserInputError
+from lm_saes.evaluator import training_evaluation
 from lm_saes.initializer import Initializer, InitializerConfig
 from lm_saes.language_model import LanguageModelConfig, TransformerLensLanguageModel
 from lm_saes.run_dir import RUN_CONFIG_FILE, claim, write_status, write_text_atomic
@@ -82,6 +83,7 @@ def train_sae(settings: TrainSAESettings) -> SparseAutoEncoder:
         model = TransformerLensLanguageModel(settings.model)
         sae_cfg = _resolve_sae_config(settings.sae, model)
         model.check_hook_points(settings.activation_factory.hook_points, "activation_factory.hook_points")
+        evaluate = training_evaluation(settings, model, datasets) if settings.trainer.eval_frequency else None
         stream = ActivationFactory(settings.activation_factory).process(
             model=model, model_name=settings.resolved_model_name, datasets=datasets
         )
@@ -94,12 +96,13 @@ def train_sae(settings: TrainSAESettings) -> SparseAutoEncoder:
             raise
         sae.cfg.save_hyperparameters(run_dir)
         wandb_run = _start_wandb(settings)
-        final = Trainer(settings.trainer).fit(sae=sae, activation_stream=stream, wandb_run=wandb_run)
+        final = Trainer(settings.trainer).fit(sae=sae, activation_stream=stream, wandb_run=wandb_run, evaluate=evaluate)
         sae.save_pretrained(run_dir)
         write_status(run_dir, "ok", metrics=final)
         Console(file=sys.stderr).print(
             f"[green]done[/]: {run_dir}  explained_variance={final['explained_variance']:.3f}  l0={final['l0']:.1f}  "
             f"dead={final['dead_fraction']:.1%}  ({final['n_training_tokens']:,} tokens)"
+            + (f"  ce_loss_score={final['ce_loss_score']:.3f}" if "ce_loss_score" in final else "")
         )
         return sae
     except BaseException as e:
