@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from lm_saes.config_base import BaseConfig, Device
@@ -130,7 +131,8 @@ def print_table(result: EvalResult, console: Console) -> None:
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     for group, rows in _ROWS:
         for i, (key, meaning) in enumerate(rows):
-            table.add_row(group if i == 0 else "", key, _fmt(result.metrics[key]), meaning, end_section=i == len(rows) - 1)
+            table.add_row(group if i == 0 else "", key, _fmt(result.metrics[key]), escape(meaning),  # [x.x_hat] is no markup
+                          end_section=i == len(rows) - 1)
     table.add_row("", "log10 firing freq.", _sparkline(result.histogram), "histogram, 1e-8 .. 1 (never fired apart)")
     console.print(table)
 
