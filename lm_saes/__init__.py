@@ -16,6 +16,11 @@ _PUBLIC = {
     "ActivationFactoryTarget": "lm_saes.activation",
     "BufferShuffleConfig": "lm_saes.activation",
     "DatasetConfig": "lm_saes.datasets",
+    "EvalResult": "lm_saes.evaluator",
+    "Evaluator": "lm_saes.evaluator",
+    "EvaluatorConfig": "lm_saes.evaluator",
+    "EvaluateSettings": "lm_saes.runners.evaluate",
+    "evaluate_run": "lm_saes.runners.evaluate",
     "load_dataset": "lm_saes.datasets",
     "Initializer": "lm_saes.initializer",
     "InitializerConfig": "lm_saes.initializer",
@@ -40,8 +45,10 @@ if TYPE_CHECKING:
         BufferShuffleConfig,
     )
     from lm_saes.datasets import DatasetConfig, load_dataset
+    from lm_saes.evaluator import EvalResult, Evaluator, EvaluatorConfig
     from lm_saes.initializer import Initializer, InitializerConfig
     from lm_saes.language_model import LanguageModelConfig, TransformerLensLanguageModel
+    from lm_saes.runners.evaluate import EvaluateSettings, evaluate_run
     from lm_saes.runners.train import TrainSAESettings, WandbConfig, train_sae
     from lm_saes.sae import SAEConfig, SparseAutoEncoder
     from lm_saes.trainer import Trainer, TrainerConfig

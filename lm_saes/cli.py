@@ -13,13 +13,15 @@ model, dataset, activation_factory, initializer, sae and trainer; override any v
 verbs:
   train     train an SAE:  lm-saes train +sae=relu_8x [trainer.lr=3e-4 sae.expansion_factor=16 ...]
             sweep with -m: lm-saes train -m +sae=relu_8x sae.expansion_factor=8,16 trainer.lr=1e-4,3e-4
+  evaluate  splice a trained SAE into its model on held-out text; write RUN_DIR/eval.json, print a table:
+            lm-saes evaluate RUN_DIR [evaluator.n_contexts=64 evaluator.ablation=mean ...]
 
-`lm-saes train --help` shows the config groups, their options and the composed config.
+`lm-saes VERB --help` shows the verb's config (for train: the groups, their options, the composed config).
 Presets: model=smollm2_135m (default, offline) | pythia_160m; dataset=builtin (default, offline) |
 slimpajama_3b; +sae=relu_8x.
 """
 
-VERBS = ("train",)
+VERBS = ("train", "evaluate")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -100,8 +100,8 @@ def format_validation_error(error: Any, data: dict[str, Any], dataset_name: str)
 
 # --- command line -> composed config (the pre-check) -----------------------------------------------------
 
-def compose_single_run(overrides: list[str]) -> DictConfig:
-    """Compose `train` as a single run would, turning Hydra's multi-line errors into one line."""
+def compose_single_run(overrides: list[str], config_name: str = "train") -> DictConfig:
+    """Compose `config_name` as a single run would, turning Hydra's multi-line errors into one line."""
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -120,17 +120,17 @@ def compose_single_run(overrides: list[str]) -> DictConfig:
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         try:
-            return compose(config_name="train", overrides=overrides)
+            return compose(config_name=config_name, overrides=overrides)
         except HydraException as e:
-            raise ConfigError(_explain_override_failure(e, parsed)) from None
+            raise ConfigError(_explain_override_failure(e, parsed, config_name)) from None
 
 
-def _explain_override_failure(error: Exception, parsed: list[Any]) -> str:
+def _explain_override_failure(error: Exception, parsed: list[Any], config_name: str) -> str:
     from hydra import compose
 
     group_overrides = [o.input_line for o in parsed if o.key_or_group in GROUPS]
     try:
-        base = compose(config_name="train", overrides=group_overrides)
+        base = compose(config_name=config_name, overrides=group_overrides)
     except Exception:
         return str(error).splitlines()[0]
     for o in parsed:
@@ -140,7 +140,7 @@ def _explain_override_failure(error: Exception, parsed: list[Any]) -> str:
         parent = OmegaConf.select(base, parent_key) if parent_key else base
         if parent is None:
             return f"{o.key_or_group}={o.value()}: unknown key {parent_key!r}; top-level keys: {', '.join(base.keys())}"
-        if isinstance(parent, DictConfig) and leaf not in parent:
+        if isinstance(parent, DictConfig) and leaf not in parent.keys():  # keys(): `in` is False for ??? values
             where = parent_key or "the top level"
             return f"{o.key_or_group}={o.value()}: unknown key; allowed in {where}: {', '.join(str(k) for k in parent.keys())}"
     return str(error).splitlines()[0]
@@ -149,11 +149,17 @@ def _explain_override_failure(error: Exception, parsed: list[Any]) -> str:
 # --- the Hydra entry -------------------------------------------------------------------------------------
 
 def run_hydra_verb(verb: str, overrides: list[str]) -> int:
+    if verb == "evaluate":
+        overrides = positional_run_dir(overrides)
     multirun = any(a in ("-m", "--multirun") for a in overrides)
     hydra_flags = any(a.startswith("-") for a in overrides)
     if not multirun and not hydra_flags:
         try:
-            settings_from_config(compose_single_run(overrides), run_dir=None)
+            composed = compose_single_run(overrides, config_name=verb)
+            if verb == "evaluate":
+                evaluate_settings_from_config(composed, check_run_dir=True)
+            else:
+                settings_from_config(composed, run_dir=None)
         except ConfigError as e:
             print(f"lm-saes {verb}: {e}", file=sys.stderr)
             return 2
@@ -185,3 +191,71 @@ def run_train_job(cfg: DictConfig) -> None:
         print(f"lm-saes train: {e}", file=sys.stderr)
         if not multirun:  # in a sweep the job's status.json says failed and the others go on
             sys.exit(2)
+
+
+# --- evaluate --------------------------------------------------------------------------------------------
+
+def positional_run_dir(args: list[str]) -> list[str]:
+    """`RUN_DIR k=v ...` -> `run_dir='RUN_DIR' k=v ...`: the first argument that is neither a flag nor an override."""
+    for i, arg in enumerate(args):
+        if not arg.startswith("-") and "=" not in arg:
+            quoted = arg.replace("\\", "\\\\").replace("'", "\\'")
+            return [*args[:i], f"run_dir='{quoted}'", *args[i + 1 :]]
+    return args
+
+
+def evaluate_settings_from_config(cfg: DictConfig, check_run_dir: bool = False) -> Any:
+    """Validate a composed `evaluate` config into EvaluateSettings (and, if asked, check the run directory)."""
+    from pydantic import ValidationError
+
+    from lm_saes.runners.evaluate import EvaluateSettings, load_run_settings
+
+    if OmegaConf.is_missing(cfg, "run_dir"):
+        raise ConfigError("run_dir: missing; usage: lm-saes evaluate RUN_DIR [KEY=VALUE ...]")
+    try:
+        data: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    except Exception as e:
+        raise ConfigError(f"{getattr(e, 'full_key', '')}: {str(e).splitlines()[0]}") from None
+    data.pop("hydra", None)
+    try:
+        settings = EvaluateSettings.model_validate(data)
+        if check_run_dir:
+            from pathlib import Path
+
+            load_run_settings(Path(settings.run_dir))
+    except ValidationError as e:
+        raise ConfigError(_format_evaluate_error(e)) from None
+    except UserInputError as e:
+        raise ConfigError(str(e)) from None
+    return settings
+
+
+def _format_evaluate_error(error: Any) -> str:
+    from pydantic import BaseModel
+
+    from lm_saes.runners.evaluate import EvaluateSettings
+
+    lines = []
+    for err in error.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            model: Any = EvaluateSettings
+            for part in err["loc"][:-1]:
+                annotation = model.model_fields[str(part)].annotation
+                model = next((a for a in (annotation, *getattr(annotation, "__args__", ()))
+                              if isinstance(a, type) and issubclass(a, BaseModel)), model)
+            lines.append(f"{key}={err['input']!r}: unknown key; allowed here: {', '.join(model.model_fields)}")
+        else:
+            lines.append(f"{key}={err.get('input')!r}: {err['msg'].removeprefix('Value error, ')}")
+    return "; ".join(lines)
+
+
+def run_evaluate_job(cfg: DictConfig) -> None:
+    """The body of the `evaluate` Hydra job: validate, evaluate, and report user mistakes as one line."""
+    from lm_saes.runners.evaluate import evaluate_run
+
+    try:
+        evaluate_run(evaluate_settings_from_config(cfg))
+    except (ConfigError, UserInputError) as e:
+        print(f"lm-saes evaluate: {e}", file=sys.stderr)
+        sys.exit(2)

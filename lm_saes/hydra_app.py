@@ -13,4 +13,11 @@ def train(cfg: DictConfig) -> None:
     run_train_job(cfg)
 
 
-APPS = {"train": train}
+@hydra.main(config_path="pkg://lm_saes.conf", config_name="evaluate", version_base="1.3")
+def evaluate(cfg: DictConfig) -> None:
+    from lm_saes.cli_config import run_evaluate_job
+
+    run_evaluate_job(cfg)
+
+
+APPS = {"train": train, "evaluate": evaluate}

@@ -91,8 +91,36 @@ class TransformerLensLanguageModel:
         )
         # Index by the name asked for: an alias filter also stores the canonical key.
         acts = {name: cache[name] for name in hook_points}
-        mask = ~torch.isin(tokens_BT, torch.tensor(self.special_token_ids, device=tokens_BT.device))
-        return HookActivations(activations=acts, tokens_BT=tokens_BT, mask_BT=mask)
+        return HookActivations(activations=acts, tokens_BT=tokens_BT, mask_BT=self.text_mask(tokens_BT))
+
+    def text_mask(self, tokens_BT: torch.Tensor) -> torch.Tensor:
+        """(B, T) True where the token is text, False on BOS, EOS and padding."""
+        return ~torch.isin(tokens_BT, torch.tensor(self.special_token_ids, device=tokens_BT.device))
+
+    # --- the whole model, for downstream evaluation ---
+    @torch.no_grad()
+    def run_with_capture(self, tokens_BT: torch.Tensor, hook_points: Sequence[str]) -> tuple[torch.Tensor, HookActivations]:
+        """The clean full forward: (B, T, vocab) logits, and the activations at `hook_points`."""
+        tokens_BT = tokens_BT.to(self.cfg.device)
+        logits_BTV, cache = self.bridge.run_with_cache(tokens_BT, names_filter=list(hook_points))
+        acts = {name: cache[name] for name in hook_points}
+        return logits_BTV, HookActivations(activations=acts, tokens_BT=tokens_BT, mask_BT=self.text_mask(tokens_BT))
+
+    @torch.no_grad()
+    def run_with_replacement(self, tokens_BT: torch.Tensor, hook_point: str, acts_BTD: torch.Tensor) -> torch.Tensor:
+        """(B, T, vocab) logits of the full forward with the activation at `hook_point` replaced by `acts_BTD`.
+
+        Everything downstream of the hook sees the replacement; everything upstream is untouched, so an
+        SAE's (or transcoder's) output computed from a clean run can be spliced in as a fixed tensor.
+        """
+        tokens_BT = tokens_BT.to(self.cfg.device)
+
+        def replace(x_BTD: torch.Tensor, hook: Any) -> torch.Tensor:
+            if x_BTD.shape != acts_BTD.shape:
+                raise ValueError(f"{hook_point}: replacement of shape {tuple(acts_BTD.shape)} for {tuple(x_BTD.shape)}")
+            return acts_BTD.to(x_BTD.device, x_BTD.dtype)
+
+        return self.bridge.run_with_hooks(tokens_BT, fwd_hooks=[(hook_point, replace)])
 
 
 def resolve_model_dir(model_name: str) -> str:

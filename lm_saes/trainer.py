@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,9 @@ class TrainerConfig(BaseConfig):
     """A latent is dead once it has not fired for this many tokens (or ever, in a shorter run)."""
     log_frequency: int = Field(100, gt=0)
     """Steps between log lines (console and wandb)."""
+    eval_frequency: int = Field(0, ge=0)
+    """Steps between downstream evaluations (CE/KL with the SAE spliced into the model) on a fixed held-out
+    batch, logged as eval/* and run once more after the last step into metrics.json. 0: off."""
     exp_result_path: str = "results"
     """The run directory: metrics.json here, and where train_sae saves the SAE."""
     overwrite: bool = False
@@ -83,11 +86,14 @@ class Trainer:
         sae: SparseAutoEncoder,
         activation_stream: Iterator[ActivationBatch],
         wandb_run: Any | None = None,
+        evaluate: Callable[[SparseAutoEncoder], dict[str, float | None]] | None = None,
         resume_from: Checkpoint | None = None,
         checkpoint_meta: dict[str, Any] | None = None,
     ) -> dict[str, float | int]:
         """Train `sae` in place; return the final metrics (also written to exp_result_path/metrics.json).
 
+        `evaluate(sae)`, if given, runs every `eval_frequency` steps and once after the last step; the last
+        result is merged into the final metrics.
         With `trainer.n_checkpoints`, the whole training state (and the stream's position, when the stream has
         a `state_dict`, as ActivationFactory's does) is saved periodically; `resume_from` continues from one.
         `checkpoint_meta` is stored with each checkpoint (the runner puts the settings there).
@@ -194,12 +200,19 @@ class Trainer:
                         **(checkpoint_meta or {}), "batch_size": batch_size, "param_groups": param_groups,
                         "tokens_seen": state.tokens_seen, "has_stream_state": hasattr(stream, "state_dict"),
                     })
+                if evaluate is not None and cfg.eval_frequency and state.step % cfg.eval_frequency == 0 \
+                        and state.step < total_steps:  # the last step gets the final evaluation below
+                    _log_eval(evaluate(sae), state.step, progress, wandb_run)
         finally:
             progress.close()
         if state.window.n_tokens:  # the stream ended between log lines
             final = state.window.summary(state.tokens_since_fired_S, min(cfg.dead_feature_window, state.tokens_seen))
             final.update(n_training_tokens=state.tokens_seen)
         final["tokens_per_second"] = progress.tokens_per_second
+        if evaluate is not None:
+            downstream = evaluate(sae)
+            _log_eval(downstream, int(final.get("step", total_steps)), progress, wandb_run)
+            final.update({k: v for k, v in downstream.items() if v is not None})
         write_json_atomic(run_dir / METRICS_FILE, final)
         return final
 
@@ -238,6 +251,12 @@ class _State:
         torch.set_rng_state(t["rng.torch"])
         if "rng.cuda" in t and torch.cuda.is_available():
             torch.cuda.set_rng_state(t["rng.cuda"])
+
+
+def _log_eval(result: dict[str, float | None], step: int, progress: TokenProgress, wandb_run: Any | None) -> None:
+    progress.log({f"eval/{k}": v for k, v in result.items()})
+    if wandb_run is not None:
+        wandb_run.log({f"eval/{k}": v for k, v in result.items() if v is not None}, step=step)
 
 
 def _chain_first(first: ActivationBatch, rest: Iterator[ActivationBatch]) -> Iterator[ActivationBatch]:

@@ -145,3 +145,63 @@ def test_the_walkthrough_script_runs_with_embedded_names(tmp_path) -> None:
     sae = SparseAutoEncoder.from_pretrained(out)
     assert sae.cfg.d_sae == 576 * 8
     assert json.loads((out / "metrics.json").read_text())["n_training_tokens"] == 10240
+
+
+# --- lm-saes evaluate ----------------------------------------------------------------------------------------
+
+EVAL_KEYS = {
+    "mse", "explained_variance", "cosine_similarity", "l2_ratio", "relative_reconstruction_bias",
+    "l0", "l1", "dead_fraction", "dense_fraction", "firing_frequency_histogram",
+    "ce_loss_clean", "ce_loss_sae", "ce_loss_ablated", "ce_loss_score", "kl_div_sae", "kl_div_ablated", "kl_div_score",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model_dir, corpus_file, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("eval") / "a run"  # a space: the positional must survive Hydra's parser
+    result = run_cli("train", "+sae=relu_8x", *tiny_overrides(tiny_model_dir, corpus_file, run_dir), "trainer.lr=3e-3")
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+@pytest.mark.slow
+def test_evaluate_end_to_end_through_the_cli(tiny_run) -> None:
+    before = {p.name for p in tiny_run.rglob("*")}
+    result = run_cli("evaluate", str(tiny_run), "evaluator.n_contexts=8", "evaluator.ablation=mean")
+    assert result.returncode == 0, result.stderr
+    assert "ce_loss_score" in result.stdout and "explained_variance" in result.stdout  # the table
+    report = json.loads((tiny_run / "eval.json").read_text())
+    assert EVAL_KEYS <= set(report), EVAL_KEYS - set(report)
+    assert report["ablation"] == "mean" and report["n_contexts"] == 8
+    # Held out: past the 2,560 trained + 512 initializer + 1,024 buffer + 4 x 32 in-flight tokens.
+    assert report["skip_tokens"] == 2560 + 512 + 1024 + 8 * 32
+    assert 0 <= report["kl_div_sae"] and report["ce_loss_clean"] > 0
+    assert {p.name for p in tiny_run.rglob("*")} == before | {"eval.json"}  # nothing else touched
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ([], "run_dir: missing; usage: lm-saes evaluate RUN_DIR"),
+        (["/no/such/run"], "run_dir='/no/such/run': no such directory"),
+        (["RUN", "evaluator.ablaton=mean"], "evaluator.ablaton=mean: unknown key; allowed in evaluator: n_contexts,"),
+        (["RUN", "evaluator.ablation=max"], "evaluator.ablation='max': Input should be 'zero' or 'mean'"),
+        (["RUN", "+evaluator.bins=3"], "evaluator.bins=3: unknown key; allowed here: n_contexts,"),
+        (["RUN", "evaluator.n_contexts=0"], "evaluator.n_contexts=0: Input should be greater than 0"),
+        (["NOT_A_RUN"], "no readable status.json: not a training run directory"),
+        (["FAILED_RUN"], "status.json says 'failed'; evaluate a finished run (ok)"),
+    ],
+)
+def test_evaluate_mistakes_are_one_line(args, expected, tiny_run, tmp_path, capsys) -> None:
+    (tmp_path / "not-a-run").mkdir()
+    failed = tmp_path / "failed-run"
+    failed.mkdir()
+    (failed / "status.json").write_text('{"status": "failed"}')
+    paths = {"RUN": str(tiny_run), "NOT_A_RUN": str(tmp_path / "not-a-run"), "FAILED_RUN": str(failed)}
+    contents_before = sorted(p.name for p in tiny_run.iterdir())
+    assert main(["evaluate", *[paths.get(a, a) for a in args]]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lm-saes evaluate: ") and expected in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert sorted(p.name for p in tiny_run.iterdir()) == contents_before
+    assert not Path("/no/such/run").exists()  # Hydra made no directory for a bad run_dir

@@ -186,3 +186,18 @@ def test_stream_resumes_exactly_from_its_state(tiny_model, corpus_file, buffer_s
     assert len(head) + len(tail) == len(whole)
     for a, b in zip(head + tail, whole):
         assert torch.equal(a, b)
+
+
+def test_eval_frequency_puts_downstream_scores_in_the_final_metrics(tiny_model_dir, corpus_file, tmp_path) -> None:
+    run = tmp_path / "run"
+    train_sae(_settings(tiny_model_dir, corpus_file, run, eval_frequency=10))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {"ce_loss_score", "ce_loss_clean", "ce_loss_sae", "ce_loss_ablated", "kl_div_score", "kl_div_sae"} <= set(metrics)
+    assert metrics["kl_div_sae"] >= 0 and metrics["ce_loss_clean"] > 0
+
+
+def test_eval_frequency_without_held_out_text_is_a_user_error(tiny_model_dir, corpus_file, tmp_path) -> None:
+    # ~25K tokens of corpus, all of it within what a 24K-token budget (plus buffer and init batches) reads.
+    settings = _settings(tiny_model_dir, corpus_file, tmp_path / "run", eval_frequency=10, total_training_tokens=256 * 94)
+    with pytest.raises(UserInputError, match=r"trainer.eval_frequency=10: needs held-out text"):
+        train_sae(settings)

@@ -74,3 +74,35 @@ def test_a_non_finite_loss_stops_training(tmp_path) -> None:
 
     with pytest.raises(FloatingPointError, match="loss became nan"):
         Trainer(TrainerConfig(total_training_tokens=512, exp_result_path=str(tmp_path))).fit(_sae(), poisoned())
+
+
+def test_evaluate_runs_every_eval_frequency_steps_and_at_the_end(tmp_path) -> None:
+    calls, logged = [], []
+
+    def evaluate(sae):
+        calls.append(sae.W_D.detach().clone())
+        return {"ce_loss_score": 0.5 + len(calls), "kl_div_score": None}
+
+    class Recorder:
+        def log(self, data, step):
+            logged.append((step, data))
+
+        def finish(self):
+            pass
+
+    cfg = TrainerConfig(lr=1e-3, total_training_tokens=256 * 10, log_frequency=5, eval_frequency=4,
+                        exp_result_path=str(tmp_path))
+    final = Trainer(cfg).fit(_sae(), planted_stream(10), wandb_run=Recorder(), evaluate=evaluate)
+    assert len(calls) == 3  # steps 4 and 8, then once after step 10
+    assert not torch.equal(calls[0], calls[-1])  # evaluated while training, not once at the start
+    eval_steps = [step for step, data in logged if "eval/ce_loss_score" in data]
+    assert eval_steps == [4, 8, 10]
+    assert final["ce_loss_score"] == 3.5 and "kl_div_score" not in final  # undefined scores are left out
+    assert json.loads((tmp_path / "metrics.json").read_text())["ce_loss_score"] == 3.5
+
+
+def test_eval_frequency_zero_evaluates_only_at_the_end(tmp_path) -> None:
+    calls = []
+    cfg = TrainerConfig(total_training_tokens=256 * 4, log_frequency=2, exp_result_path=str(tmp_path))
+    Trainer(cfg).fit(_sae(), planted_stream(4), evaluate=lambda sae: calls.append(1) or {"ce_loss_score": 1.0})
+    assert calls == [1]

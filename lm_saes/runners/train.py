@@ -20,6 +20,7 @@ from lm_saes.activation import ActivationFactory, ActivationFactoryConfig
 from lm_saes.config_base import BaseConfig
 from lm_saes.datasets import DatasetConfig, load_dataset
 from lm_saes.errors import UserInputError
+from lm_saes.evaluator import training_evaluation
 from lm_saes.initializer import Initializer, InitializerConfig
 from lm_saes.language_model import LanguageModelConfig, TransformerLensLanguageModel
 from lm_saes.checkpoint import CHECKPOINT_DIR, Checkpoint, CheckpointError, latest_checkpoint_path, load_checkpoint
@@ -92,6 +93,7 @@ def train_sae(settings: TrainSAESettings) -> SparseAutoEncoder:
         sae_cfg = _resolve_sae_config(settings.sae, model)
         model.check_hook_points(settings.activation_factory.hook_points, "activation_factory.hook_points")
         stream_state = checkpoint.section("stream") if checkpoint and checkpoint.meta.get("has_stream_state") else None
+        evaluate = training_evaluation(settings, model, datasets) if settings.trainer.eval_frequency else None
         stream = ActivationFactory(settings.activation_factory).process(
             model=model, model_name=settings.resolved_model_name, datasets=datasets, state=stream_state
         )
@@ -109,7 +111,7 @@ def train_sae(settings: TrainSAESettings) -> SparseAutoEncoder:
         sae.cfg.save_hyperparameters(run_dir)
         wandb_run = _start_wandb(settings)
         final = Trainer(settings.trainer).fit(
-            sae=sae, activation_stream=stream, wandb_run=wandb_run, resume_from=checkpoint,
+            sae=sae, activation_stream=stream, wandb_run=wandb_run, evaluate=evaluate, resume_from=checkpoint,
             checkpoint_meta={"settings": _fingerprint(settings)},
         )
         sae.save_pretrained(run_dir)
@@ -117,6 +119,7 @@ def train_sae(settings: TrainSAESettings) -> SparseAutoEncoder:
         Console(file=sys.stderr).print(
             f"[green]done[/]: {run_dir}  explained_variance={final['explained_variance']:.3f}  l0={final['l0']:.1f}  "
             f"dead={final['dead_fraction']:.1%}  ({final['n_training_tokens']:,} tokens)"
+            + (f"  ce_loss_score={final['ce_loss_score']:.3f}" if "ce_loss_score" in final else "")
         )
         return sae
     except BaseException as e:
@@ -143,7 +146,7 @@ def _checkpoint_to_resume(settings: TrainSAESettings, run_dir: Path) -> Path | N
     return latest
 
 
-_VOLATILE_TRAINER_KEYS = ("exp_result_path", "overwrite", "resume", "log_frequency", "n_checkpoints")
+_VOLATILE_TRAINER_KEYS = ("exp_result_path", "overwrite", "resume", "log_frequency", "n_checkpoints", "eval_frequency")
 
 
 def _fingerprint(settings: TrainSAESettings) -> dict[str, Any]:
