@@ -69,11 +69,24 @@ class Evaluator:
     def __init__(self, cfg: EvaluatorConfig) -> None:
         self.cfg = cfg
 
-    @torch.no_grad()
     def evaluate(
         self, sae: SparseAutoEncoder, model: TransformerLensLanguageModel, contexts: Sequence[torch.Tensor]
     ) -> EvalResult:
-        """Evaluate `sae` on `contexts` ((T,) token tensors, e.g. from `held_out_contexts`)."""
+        """Evaluate `sae` on `contexts` ((T,) token tensors, e.g. from `held_out_contexts`).
+
+        The SAE runs in inference mode (a BatchTopK SAE as its per-token JumpReLU), whatever mode it was in.
+        """
+        was_training = sae.training
+        sae.eval()
+        try:
+            return self._evaluate(sae, model, contexts)
+        finally:
+            sae.train(was_training)
+
+    @torch.no_grad()
+    def _evaluate(
+        self, sae: SparseAutoEncoder, model: TransformerLensLanguageModel, contexts: Sequence[torch.Tensor]
+    ) -> EvalResult:
         if not contexts:
             raise ValueError("no contexts to evaluate")
         hook_in, hook_out = sae.cfg.hook_point_in, sae.cfg.hook_point_target

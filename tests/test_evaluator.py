@@ -137,3 +137,13 @@ def test_identity_splice_on_the_real_smollm2() -> None:
     m = Evaluator(EvaluatorConfig()).evaluate(identity_sae(576, hook), model, contexts).metrics
     assert m["ce_loss_score"] == 1.0 and m["kl_div_sae"] == pytest.approx(0.0, abs=1e-5)
     assert 0 < m["ce_loss_clean"] < m["ce_loss_ablated"] < 20  # finite, and ablating layer 2 hurts
+
+
+def test_a_training_batchtopk_sae_is_evaluated_per_token_and_left_training(tiny_model, contexts) -> None:
+    sae = SparseAutoEncoder(SAEConfig(hook_point_in=HOOK, d_model=32, expansion_factor=2, act_fn="batchtopk", top_k=4))
+    with torch.no_grad():
+        sae.activation_function.threshold.fill_(1e9)  # at inference nothing passes this threshold
+    sae.train()
+    m = Evaluator(EvaluatorConfig()).evaluate(sae, tiny_model, contexts).metrics
+    assert m["l0"] == 0.0  # the per-token JumpReLU ran, not the batch-level top-k (which would give l0 = 4)
+    assert sae.training
