@@ -60,34 +60,25 @@ def settings_from_config(cfg: DictConfig, run_dir: str | None) -> Any:
     try:
         return TrainSAESettings.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, data, dataset_name=name)) from None
+        raise ConfigError(format_validation_error(e, TrainSAESettings, dataset_name=name)) from None
     except UserInputError as e:
         raise ConfigError(str(e)) from None
 
 
-def format_validation_error(error: Any, data: dict[str, Any], dataset_name: str) -> str:
-    """pydantic's errors as `key=value: what is allowed`, joined on one line."""
-    from pydantic import BaseModel
+def format_validation_error(error: Any, root: Any, dataset_name: str | None = None) -> str:
+    """pydantic's errors for settings class `root` as `key=value: what is allowed`, joined on one line.
 
-    from lm_saes.runners.train import TrainSAESettings
-
+    With `dataset_name`, `datasets.<name>.x` is reported as `dataset.x`, the key the CLI user typed.
+    """
     lines = []
     for err in error.errors():
         loc = [str(p) for p in err["loc"]]
-        if loc[:2] == ["datasets", dataset_name]:
+        if dataset_name is not None and loc[:2] == ["datasets", dataset_name]:
             loc = ["dataset", *loc[2:]]
         key = ".".join(loc)
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            model: Any = TrainSAESettings
-            for part in err["loc"][:-1]:
-                field = model.model_fields.get(str(part)) if isinstance(model, type) and issubclass(model, BaseModel) else None
-                if field is None:
-                    continue
-                model = field.annotation
-                args = getattr(model, "__args__", ())
-                model = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), model)
-            allowed = ", ".join(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else "?"
+            allowed = ", ".join(_model_at(root, [str(p) for p in err["loc"][:-1]]).model_fields)
             lines.append(f"{key}={err['input']!r}: unknown key; allowed here: {allowed}")
         elif err["type"] == "missing":
             lines.append(f"{key}: missing; give a value with {key}=...")
@@ -96,6 +87,23 @@ def format_validation_error(error: Any, data: dict[str, Any], dataset_name: str)
         else:
             lines.append(f"{key}={err.get('input')!r}: {msg}")
     return "; ".join(lines)
+
+
+def _model_at(root: Any, path: list[str]) -> Any:
+    """The pydantic model class found by following field names from `root` (through dict values too)."""
+    from pydantic import BaseModel
+
+    def is_model(t: Any) -> bool:
+        return isinstance(t, type) and issubclass(t, BaseModel)
+
+    model = root
+    for part in path:
+        field = model.model_fields.get(part)
+        if field is None:
+            continue  # a dict key (e.g. a dataset's name): stay on the dict's value model
+        annotation = field.annotation
+        model = next((a for a in (annotation, *getattr(annotation, "__args__", ())) if is_model(a)), model)
+    return model
 
 
 # --- command line -> composed config (the pre-check) -----------------------------------------------------
@@ -224,30 +232,10 @@ def evaluate_settings_from_config(cfg: DictConfig, check_run_dir: bool = False) 
 
             load_run_settings(Path(settings.run_dir))
     except ValidationError as e:
-        raise ConfigError(_format_evaluate_error(e)) from None
+        raise ConfigError(format_validation_error(e, EvaluateSettings)) from None
     except UserInputError as e:
         raise ConfigError(str(e)) from None
     return settings
-
-
-def _format_evaluate_error(error: Any) -> str:
-    from pydantic import BaseModel
-
-    from lm_saes.runners.evaluate import EvaluateSettings
-
-    lines = []
-    for err in error.errors():
-        key = ".".join(str(p) for p in err["loc"])
-        if err["type"] == "extra_forbidden":
-            model: Any = EvaluateSettings
-            for part in err["loc"][:-1]:
-                annotation = model.model_fields[str(part)].annotation
-                model = next((a for a in (annotation, *getattr(annotation, "__args__", ()))
-                              if isinstance(a, type) and issubclass(a, BaseModel)), model)
-            lines.append(f"{key}={err['input']!r}: unknown key; allowed here: {', '.join(model.model_fields)}")
-        else:
-            lines.append(f"{key}={err.get('input')!r}: {err['msg'].removeprefix('Value error, ')}")
-    return "; ".join(lines)
 
 
 def run_evaluate_job(cfg: DictConfig) -> None:

@@ -57,6 +57,7 @@ def test_unknown_verb(capsys) -> None:
         (["+sae=relu_8x", "+trainer.lrr=3"], "trainer.lrr=3: unknown key; allowed here: amp_dtype, lr,"),
         (["+sae=relu_8x", "sae.expansion_factr=16"], "sae.expansion_factr=16: unknown key; allowed in sae:"),
         (["+sae=relu_8x", "trainer.lr=fast"], "trainer.lr='fast': Input should be a valid number"),
+        (["+sae=relu_8x", "+dataset.splt=test"], "dataset.splt='test': unknown key; allowed here: dataset_name_or_path, split,"),
         (["+sae=relu_8x", "sae.act_fn=gelu"],
          "sae.act_fn='gelu': unknown activation function; allowed: relu, topk, batchtopk, jumprelu"),
         (["+sae=relu_8x", "model=gpt9"], "model=gpt9: unknown preset; available: pythia_160m, smollm2_135m"),
