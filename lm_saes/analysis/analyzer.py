@@ -27,7 +27,7 @@ from lm_saes.sae import SparseAutoEncoder
 
 
 class AnalysisConfig(BaseConfig):
-    n_tokens: int = Field(32_768, gt=0)
+    n_tokens: int = Field(65_536, gt=0)
     """Text tokens to analyse (whole contexts: the last batch may pass it by less than one batch)."""
     context_size: int | None = Field(None, ge=2)
     """Tokens per context; None means the run's activation_factory.context_size."""

@@ -45,6 +45,12 @@ def save_analysis(analysis: FeatureAnalysis, run_dir: Path, tokenizer: Any) -> P
 
 def load_analysis(run_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(info, tensors) of `<run_dir>/analysis`, or a UserInputError saying what is missing or unknown."""
+    info = read_analysis_info(run_dir)
+    return info, load_file(str(run_dir / ANALYSIS_DIR / FEATURES_FILE))
+
+
+def read_analysis_info(run_dir: Path) -> dict[str, Any]:
+    """`analysis.json` after checking that both files exist and its format version is one this code reads."""
     folder = run_dir / ANALYSIS_DIR
     info_path, features_path = folder / INFO_FILE, folder / FEATURES_FILE
     if not info_path.exists() or not features_path.exists():
@@ -58,4 +64,4 @@ def load_analysis(run_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor
     if version != FORMAT_VERSION:
         raise UserInputError("run_dir", str(run_dir), f"{ANALYSIS_DIR}/{INFO_FILE} has format_version {version!r}; "
                              f"this lm_saes reads version {FORMAT_VERSION} (re-run `lm-saes analyze`)")
-    return info, load_file(str(features_path))
+    return info
