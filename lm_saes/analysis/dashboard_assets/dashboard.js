@@ -12,7 +12,7 @@ function esc(s) {
 }
 function show(tok) { return tok.replace(/\n/g, "\u21b5").replace(/\t/g, "\u21e5"); }
 function fmt(x) { return x === 0 ? "0" : Math.abs(x) >= 1e-3 && Math.abs(x) < 1e4 ? String(x) : x.toExponential(2); }
-function pct(f) { return f >= 0.01 ? (100 * f).toPrecision(3) + "%" : (100 * f).toExponential(1) + "%"; }
+function pct(f) { const p = 100 * f; return (p >= 1e-3 ? String(Number(p.toPrecision(3))) : p.toExponential(1)) + "%"; }
 
 // What a text search matches: the tokens at the latent's top peaks and the tokens it promotes most.
 const searchText = new Map(DATA.latents.map(l => {
