@@ -103,7 +103,8 @@ def render_dashboard(info: dict[str, Any], tensors: dict[str, torch.Tensor], n_t
     # Inside <script>, "<" only ever occurs in JSON strings, where \u003c is the same character: no "</script>".
     data = data.replace("<", "\\u003c")
     template = (_ASSETS / "dashboard.html").read_text()
-    title = f"lm_saes features: {info.get('hook_point_in', '')} ({info.get('run_dir', '')})"
+    where = f" ({info['run_dir']})" if info.get("run_dir") else ""
+    title = f"lm_saes features: {info.get('hook_point_in', '')}{where}"
     return (template.replace("/*STYLE*/", (_ASSETS / "dashboard.css").read_text())
             .replace("/*SCRIPT*/", (_ASSETS / "dashboard.js").read_text())
             .replace("__TITLE__", _escape(title))

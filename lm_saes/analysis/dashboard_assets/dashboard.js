@@ -111,7 +111,7 @@ function renderDetail() {
 
 document.getElementById("summary").textContent =
   `${META.hook_point_out !== META.hook_point_in ? META.hook_point_in + " \u2192 " + META.hook_point_out : META.hook_point_in}` +
-  ` \u00b7 ${META.act_fn} \u00b7 ${META.d_sae} latents (${META.n_dead} dead) \u00b7 ${Number(META.n_tokens).toLocaleString()} tokens of ${META.dataset}`;
+  ` \u00b7 ${META.act_fn} \u00b7 ${META.d_sae} latents (${META.n_dead} dead) \u00b7 ${Number(META.n_tokens).toLocaleString()} tokens${META.dataset ? " of " + META.dataset : ""}`;
 document.getElementById("search").addEventListener("input", ev => { query = ev.target.value; renderList(); });
 document.querySelectorAll("#latent-list th[data-key]").forEach(th => th.addEventListener("click", () => {
   const key = Number(th.dataset.key);
