@@ -10,6 +10,13 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _PUBLIC = {
+    "AnalysisConfig": "lm_saes.analysis",
+    "FeatureAnalysis": "lm_saes.analysis",
+    "FeatureAnalyzer": "lm_saes.analysis",
+    "AnalyzeSettings": "lm_saes.runners.analyze",
+    "analyze_run": "lm_saes.runners.analyze",
+    "DashboardSettings": "lm_saes.runners.dashboard",
+    "dashboard_run": "lm_saes.runners.dashboard",
     "ActivationFactory": "lm_saes.activation",
     "ActivationFactoryConfig": "lm_saes.activation",
     "ActivationFactoryDatasetSource": "lm_saes.activation",
@@ -44,10 +51,13 @@ if TYPE_CHECKING:
         ActivationFactoryTarget,
         BufferShuffleConfig,
     )
+    from lm_saes.analysis import AnalysisConfig, FeatureAnalysis, FeatureAnalyzer
     from lm_saes.datasets import DatasetConfig, load_dataset
     from lm_saes.evaluator import EvalResult, Evaluator, EvaluatorConfig
     from lm_saes.initializer import Initializer, InitializerConfig
     from lm_saes.language_model import LanguageModelConfig, TransformerLensLanguageModel
+    from lm_saes.runners.analyze import AnalyzeSettings, analyze_run
+    from lm_saes.runners.dashboard import DashboardSettings, dashboard_run
     from lm_saes.runners.evaluate import EvaluateSettings, evaluate_run
     from lm_saes.runners.train import TrainSAESettings, WandbConfig, train_sae
     from lm_saes.sae import SAEConfig, SparseAutoEncoder

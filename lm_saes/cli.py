@@ -15,13 +15,17 @@ verbs:
             sweep with -m: lm-saes train -m +sae=relu_8x sae.expansion_factor=8,16 trainer.lr=1e-4,3e-4
   evaluate  splice a trained SAE into its model on held-out text; write RUN_DIR/eval.json, print a table:
             lm-saes evaluate RUN_DIR [evaluator.n_contexts=64 evaluator.ablation=mean ...]
+  analyze   what each latent responds to, on held-out text; write RUN_DIR/analysis/:
+            lm-saes analyze RUN_DIR [analysis.n_tokens=65536 analysis.n_top_examples=20 ...]
+  dashboard render RUN_DIR/analysis/ as one offline HTML page, RUN_DIR/dashboard.html:
+            lm-saes dashboard RUN_DIR [n_top_examples=10 output=PATH ...]
 
 `lm-saes VERB --help` shows the verb's config (for train: the groups, their options, the composed config).
 Presets: model=smollm2_135m (default, offline) | pythia_160m; dataset=builtin (default, offline) |
 slimpajama_3b; +sae=relu_8x.
 """
 
-VERBS = ("train", "evaluate")
+VERBS = ("train", "evaluate", "analyze", "dashboard")
 
 
 def main(argv: list[str] | None = None) -> int:

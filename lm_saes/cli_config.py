@@ -156,8 +156,12 @@ def _explain_override_failure(error: Exception, parsed: list[Any], config_name: 
 
 # --- the Hydra entry -------------------------------------------------------------------------------------
 
+RUN_DIR_VERBS = ("evaluate", "analyze", "dashboard")
+"""Verbs whose first positional argument is a run directory."""
+
+
 def run_hydra_verb(verb: str, overrides: list[str]) -> int:
-    if verb == "evaluate":
+    if verb in RUN_DIR_VERBS:
         overrides = positional_run_dir(overrides)
     multirun = any(a in ("-m", "--multirun") for a in overrides)
     hydra_flags = any(a.startswith("-") for a in overrides)
@@ -166,6 +170,10 @@ def run_hydra_verb(verb: str, overrides: list[str]) -> int:
             composed = compose_single_run(overrides, config_name=verb)
             if verb == "evaluate":
                 evaluate_settings_from_config(composed, check_run_dir=True)
+            elif verb == "analyze":
+                analyze_settings_from_config(composed, check_run_dir=True)
+            elif verb == "dashboard":
+                dashboard_settings_from_config(composed, check_run_dir=True)
             else:
                 settings_from_config(composed, run_dir=None)
         except ConfigError as e:
@@ -246,4 +254,79 @@ def run_evaluate_job(cfg: DictConfig) -> None:
         evaluate_run(evaluate_settings_from_config(cfg))
     except (ConfigError, UserInputError) as e:
         print(f"lm-saes evaluate: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+# --- analyze and dashboard -------------------------------------------------------------------------------
+
+def _run_dir_settings(cfg: DictConfig, verb: str, settings_cls: Any) -> Any:
+    """Validate a composed run-directory verb's config into `settings_cls` (ConfigError with one line)."""
+    from pydantic import ValidationError
+
+    if OmegaConf.is_missing(cfg, "run_dir"):
+        raise ConfigError(f"run_dir: missing; usage: lm-saes {verb} RUN_DIR [KEY=VALUE ...]")
+    try:
+        data: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    except Exception as e:
+        raise ConfigError(f"{getattr(e, 'full_key', '')}: {str(e).splitlines()[0]}") from None
+    data.pop("hydra", None)
+    try:
+        return settings_cls.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, settings_cls)) from None
+    except UserInputError as e:
+        raise ConfigError(str(e)) from None
+
+
+def analyze_settings_from_config(cfg: DictConfig, check_run_dir: bool = False) -> Any:
+    """Validate a composed `analyze` config into AnalyzeSettings (and, if asked, check the run directory)."""
+    from pathlib import Path
+
+    from lm_saes.runners.analyze import AnalyzeSettings
+    from lm_saes.runners.evaluate import load_run_settings
+
+    settings = _run_dir_settings(cfg, "analyze", AnalyzeSettings)
+    if check_run_dir:
+        try:
+            load_run_settings(Path(settings.run_dir))
+        except UserInputError as e:
+            raise ConfigError(str(e)) from None
+    return settings
+
+
+def dashboard_settings_from_config(cfg: DictConfig, check_run_dir: bool = False) -> Any:
+    """Validate a composed `dashboard` config into DashboardSettings (and, if asked, check the analysis files)."""
+    from pathlib import Path
+
+    from lm_saes.analysis.files import read_analysis_info
+    from lm_saes.runners.dashboard import DashboardSettings
+
+    settings = _run_dir_settings(cfg, "dashboard", DashboardSettings)
+    if check_run_dir:
+        try:
+            read_analysis_info(Path(settings.run_dir))
+        except UserInputError as e:
+            raise ConfigError(str(e)) from None
+    return settings
+
+
+def run_analyze_job(cfg: DictConfig) -> None:
+    """The body of the `analyze` Hydra job: validate, analyse, and report user mistakes as one line."""
+    from lm_saes.runners.analyze import analyze_run
+
+    try:
+        analyze_run(analyze_settings_from_config(cfg))
+    except (ConfigError, UserInputError) as e:
+        print(f"lm-saes analyze: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run_dashboard_job(cfg: DictConfig) -> None:
+    """The body of the `dashboard` Hydra job: validate, render, and report user mistakes as one line."""
+    from lm_saes.runners.dashboard import dashboard_run
+
+    try:
+        dashboard_run(dashboard_settings_from_config(cfg))
+    except (ConfigError, UserInputError) as e:
+        print(f"lm-saes dashboard: {e}", file=sys.stderr)
         sys.exit(2)

@@ -20,4 +20,18 @@ def evaluate(cfg: DictConfig) -> None:
     run_evaluate_job(cfg)
 
 
-APPS = {"train": train, "evaluate": evaluate}
+@hydra.main(config_path="pkg://lm_saes.conf", config_name="analyze", version_base="1.3")
+def analyze(cfg: DictConfig) -> None:
+    from lm_saes.cli_config import run_analyze_job
+
+    run_analyze_job(cfg)
+
+
+@hydra.main(config_path="pkg://lm_saes.conf", config_name="dashboard", version_base="1.3")
+def dashboard(cfg: DictConfig) -> None:
+    from lm_saes.cli_config import run_dashboard_job
+
+    run_dashboard_job(cfg)
+
+
+APPS = {"train": train, "evaluate": evaluate, "analyze": analyze, "dashboard": dashboard}

@@ -1,0 +1,66 @@
+"""The analyze runner: a finished run directory -> held-out contexts -> FeatureAnalyzer -> RUN_DIR/analysis/.
+
+`analyze_run(settings)` is what `lm-saes analyze RUN_DIR` calls. The contexts are the run's own corpus past
+everything training could have read (as for `lm-saes evaluate`), or another corpus from its start.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+from lm_saes.analysis import AnalysisConfig, FeatureAnalysis, FeatureAnalyzer, save_analysis
+from lm_saes.config_base import BaseConfig, Device
+from lm_saes.datasets import DatasetConfig, load_dataset
+from lm_saes.errors import UserInputError
+from lm_saes.evaluator import held_out_contexts, tokens_read_by_training
+from lm_saes.language_model import TransformerLensLanguageModel
+from lm_saes.runners.evaluate import _n_training_tokens, load_run_settings
+from lm_saes.sae import SparseAutoEncoder
+
+
+class AnalyzeSettings(BaseConfig):
+    run_dir: str
+    """A finished training run directory (status.json says ok); the analysis is written into RUN_DIR/analysis/."""
+    analysis: AnalysisConfig = AnalysisConfig()
+    device: Device | None = None
+    """Where the model and the SAE run; None means the run's model.device."""
+    dataset: DatasetConfig | None = None
+    """Analyse another corpus (from its start); None means the run's first dataset, past what training read."""
+
+
+def analyze_run(settings: AnalyzeSettings) -> FeatureAnalysis:
+    """Analyse every latent of the SAE in `settings.run_dir` on held-out text; write RUN_DIR/analysis/."""
+    run_dir = Path(settings.run_dir)
+    train = load_run_settings(run_dir)
+    cfg = settings.analysis
+    device = settings.device or train.model.device
+    if settings.dataset is None:
+        dataset_cfg = train.datasets[train.activation_factory.sources[0].name]
+        default_skip = tokens_read_by_training(train, _n_training_tokens(run_dir))
+    else:
+        dataset_cfg, default_skip = settings.dataset, 0
+    skip = default_skip if cfg.skip_tokens is None else cfg.skip_tokens
+    context_size = cfg.context_size or train.activation_factory.context_size
+    started = time.perf_counter()
+    dataset = load_dataset(dataset_cfg, "dataset.dataset_name_or_path")
+    model = TransformerLensLanguageModel(train.model.model_copy(update={"device": device}))
+    sae = SparseAutoEncoder.from_pretrained(run_dir, device=device)
+    # Each context holds at most context_size - 1 text tokens (one BOS); one batch more covers EOS separators.
+    n_contexts = math.ceil(cfg.n_tokens / (context_size - 1)) + cfg.model_batch_size
+    contexts = held_out_contexts((row["text"] for row in dataset), model, context_size, skip, n_contexts)
+    if not contexts:
+        raise UserInputError(
+            "analysis.skip_tokens", skip, f"{dataset_cfg.dataset_name_or_path} has no text left after skipping "
+            f"{skip:,} tokens (what training read); analyse another corpus (+dataset.dataset_name_or_path=...)",
+        )
+    result = FeatureAnalyzer(cfg).analyze(sae, model, contexts)
+    result.info.update(run_dir=str(run_dir), dataset=dataset_cfg.dataset_name_or_path, skip_tokens=skip,
+                       context_size=context_size, seconds=round(time.perf_counter() - started, 1))
+    folder = save_analysis(result, run_dir, model.tokenizer)
+    n_dead = len(result.info["dead_latents"])
+    short = " (the corpus ended first)" if result.info["n_tokens"] < cfg.n_tokens else ""
+    print(f"analysed {result.info['n_tokens']:,} held-out tokens{short} in {result.info['seconds']:.0f} s: "
+          f"{result.info['d_sae'] - n_dead:,} live latents, {n_dead:,} dead (listed) -> {folder}")
+    return result
