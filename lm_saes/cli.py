@@ -22,7 +22,7 @@ verbs:
 
 `lm-saes VERB --help` shows the verb's config (for train: the groups, their options, the composed config).
 Presets: model=smollm2_135m (default, offline) | pythia_160m; dataset=builtin (default, offline) |
-slimpajama_3b; +sae=relu_8x.
+slimpajama_3b; +sae=relu_8x | topk_8x | batchtopk_8x | jumprelu_8x | transcoder_relu_8x | transcoder_topk_8x.
 """
 
 VERBS = ("train", "evaluate", "analyze", "dashboard")
