@@ -222,27 +222,16 @@ def positional_run_dir(args: list[str]) -> list[str]:
 
 def evaluate_settings_from_config(cfg: DictConfig, check_run_dir: bool = False) -> Any:
     """Validate a composed `evaluate` config into EvaluateSettings (and, if asked, check the run directory)."""
-    from pydantic import ValidationError
+    from pathlib import Path
 
     from lm_saes.runners.evaluate import EvaluateSettings, load_run_settings
 
-    if OmegaConf.is_missing(cfg, "run_dir"):
-        raise ConfigError("run_dir: missing; usage: lm-saes evaluate RUN_DIR [KEY=VALUE ...]")
-    try:
-        data: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
-    except Exception as e:
-        raise ConfigError(f"{getattr(e, 'full_key', '')}: {str(e).splitlines()[0]}") from None
-    data.pop("hydra", None)
-    try:
-        settings = EvaluateSettings.model_validate(data)
-        if check_run_dir:
-            from pathlib import Path
-
+    settings = _run_dir_settings(cfg, "evaluate", EvaluateSettings)
+    if check_run_dir:
+        try:
             load_run_settings(Path(settings.run_dir))
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e, EvaluateSettings)) from None
-    except UserInputError as e:
-        raise ConfigError(str(e)) from None
+        except UserInputError as e:
+            raise ConfigError(str(e)) from None
     return settings
 
 
