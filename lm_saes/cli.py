@@ -19,13 +19,15 @@ verbs:
             lm-saes analyze RUN_DIR [analysis.n_tokens=65536 analysis.n_top_examples=20 ...]
   dashboard render RUN_DIR/analysis/ as one offline HTML page, RUN_DIR/dashboard.html:
             lm-saes dashboard RUN_DIR [n_top_examples=10 output=PATH ...]
+  report    a sweep's jobs in one table (SWEEP_DIR/report.csv) and the L0-vs-fidelity frontier (frontier.png):
+            lm-saes report SWEEP_DIR
 
 `lm-saes VERB --help` shows the verb's config (for train: the groups, their options, the composed config).
 Presets: model=smollm2_135m (default, offline) | pythia_160m; dataset=builtin (default, offline) |
 slimpajama_3b; +sae=relu_8x | topk_8x | batchtopk_8x | jumprelu_8x | transcoder_relu_8x | transcoder_topk_8x.
 """
 
-VERBS = ("train", "evaluate", "analyze", "dashboard")
+VERBS = ("train", "evaluate", "analyze", "dashboard", "report")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -156,7 +157,7 @@ def _explain_override_failure(error: Exception, parsed: list[Any], config_name: 
 
 # --- the Hydra entry -------------------------------------------------------------------------------------
 
-RUN_DIR_VERBS = ("evaluate", "analyze", "dashboard")
+RUN_DIR_VERBS = ("evaluate", "analyze", "dashboard", "report")
 """Verbs whose first positional argument is a run directory."""
 
 
@@ -174,6 +175,10 @@ def run_hydra_verb(verb: str, overrides: list[str]) -> int:
                 analyze_settings_from_config(composed, check_run_dir=True)
             elif verb == "dashboard":
                 dashboard_settings_from_config(composed, check_run_dir=True)
+            elif verb == "report":
+                from lm_saes.runners.report import ReportSettings
+
+                _run_dir_settings(composed, "report", ReportSettings)
             else:
                 settings_from_config(composed, run_dir=None)
         except ConfigError as e:
@@ -207,6 +212,15 @@ def run_train_job(cfg: DictConfig) -> None:
         print(f"lm-saes train: {e}", file=sys.stderr)
         if not multirun:  # in a sweep the job's status.json says failed and the others go on
             sys.exit(2)
+        if isinstance(e, ConfigError):  # failed before train_sae could record it
+            from lm_saes.run_dir import write_status
+
+            write_status(Path(hydra_cfg.runtime.output_dir), "failed", error=str(e))
+    except Exception as e:
+        if not multirun:
+            raise  # a bug, not a user's mistake: the traceback is wanted
+        # train_sae already wrote status.json "failed" with the traceback; one job must not end the sweep.
+        print(f"lm-saes train: job {hydra_cfg.job.num} failed: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 # --- evaluate --------------------------------------------------------------------------------------------
@@ -318,4 +332,15 @@ def run_dashboard_job(cfg: DictConfig) -> None:
         dashboard_run(dashboard_settings_from_config(cfg))
     except (ConfigError, UserInputError) as e:
         print(f"lm-saes dashboard: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run_report_job(cfg: DictConfig) -> None:
+    """The body of the `report` Hydra job: gather the sweep, print and write the report."""
+    from lm_saes.runners.report import ReportSettings, report_run
+
+    try:
+        report_run(_run_dir_settings(cfg, "report", ReportSettings))
+    except (ConfigError, UserInputError) as e:
+        print(f"lm-saes report: {e}", file=sys.stderr)
         sys.exit(2)

@@ -34,4 +34,11 @@ def dashboard(cfg: DictConfig) -> None:
     run_dashboard_job(cfg)
 
 
-APPS = {"train": train, "evaluate": evaluate, "analyze": analyze, "dashboard": dashboard}
+@hydra.main(config_path="pkg://lm_saes.conf", config_name="report", version_base="1.3")
+def report(cfg: DictConfig) -> None:
+    from lm_saes.cli_config import run_report_job
+
+    run_report_job(cfg)
+
+
+APPS = {"train": train, "evaluate": evaluate, "analyze": analyze, "dashboard": dashboard, "report": report}

@@ -60,3 +60,15 @@ def test_errors_from_several_keys_are_joined_on_one_line() -> None:
         settings_from_config(compose_single_run(["+sae=relu_8x", "trainer.lr=-1", "sae.expansion_factor=0"]), None)
     message = str(info.value)
     assert "\n" not in message and "trainer.lr=-1" in message and "sae.expansion_factor=0" in message
+
+
+def test_sweep_preset_declares_the_grid() -> None:
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="lm_saes.conf", version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["+sae=relu_8x", "+sweep=ef_act_lr"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert dict(params) == {"sae.expansion_factor": "8,16", "sae.act_fn": "relu,topk", "trainer.lr": "1e-3,3e-3"}
+    GlobalHydra.instance().clear()
