@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from rich.console import Console
@@ -30,7 +31,7 @@ def report_run(settings: ReportSettings) -> list[JobRow]:
     write_text_atomic(sweep_dir / CSV_FILE, to_csv(rows))
     with atomic_path(sweep_dir / PLOT_FILE) as tmp:
         plot_frontier(rows, tmp)
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 200)  # a pipe or log file gets whole columns
     console.print(_table(rows, sweep_dir))
     failed = [r for r in rows if r.status != "ok"]
     for r in failed:
@@ -46,7 +47,11 @@ def _table(rows: list[JobRow], sweep_dir: Path) -> Table:
     for col in ("job", "status", *keys, *metrics):
         table.add_column(col, justify="right" if col in metrics else "left")
     for r in rows:
-        values = [f"{r.metrics[k]:.4g}" if k in r.metrics else "" for k in metrics]
+        values = [_fmt(r.metrics[k]) if k in r.metrics else "" for k in metrics]
         status = "[green]ok[/]" if r.status == "ok" else f"[red]{r.status}[/]"
         table.add_row(r.job, status, *(r.overrides.get(k, "") for k in keys), *values)
     return table
+
+
+def _fmt(value: float) -> str:
+    return f"{value:,}" if float(value).is_integer() and abs(value) >= 1000 else f"{value:.4g}"
