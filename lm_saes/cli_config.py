@@ -157,6 +157,9 @@ def _explain_override_failure(error: Exception, parsed: list[Any], config_name: 
 
 # --- the Hydra entry -------------------------------------------------------------------------------------
 
+PREEMPTED_EXIT_CODE = 3
+"""`lm-saes train` exits with this after SIGTERM/SIGUSR1 and a checkpoint: rerun (or requeue) to resume."""
+
 RUN_DIR_VERBS = ("evaluate", "analyze", "dashboard", "report")
 """Verbs whose first positional argument is a run directory."""
 
@@ -201,13 +204,17 @@ def run_train_job(cfg: DictConfig) -> None:
 
     from lm_saes.checkpoint import CheckpointError
     from lm_saes.runners.train import train_sae
-    from lm_saes.trainer import TrainingDiverged
+    from lm_saes.trainer import Preempted, TrainingDiverged
 
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
         settings = settings_from_config(cfg, run_dir=hydra_cfg.runtime.output_dir)
         train_sae(settings)
+    except Preempted as e:
+        print(f"lm-saes train: {e}", file=sys.stderr)
+        if not multirun:
+            sys.exit(PREEMPTED_EXIT_CODE)
     except (ConfigError, UserInputError, RunDirectoryError, CheckpointError, TrainingDiverged) as e:
         print(f"lm-saes train: {e}", file=sys.stderr)
         if not multirun:  # in a sweep the job's status.json says failed and the others go on

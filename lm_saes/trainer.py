@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -143,7 +145,21 @@ class Trainer:
         progress = TokenProgress(total_steps * batch_size, f"training {sae_cfg.act_fn} SAE")
         progress.advance(state.tokens_seen)
         sae.train()
+
+        def save() -> Path:
+            tensors = {**{f"sae.{k}": v for k, v in sae.state_dict().items()}, **state.tensors()}
+            opt_tensors, param_groups = flatten_optimizer(optimizer.state_dict())
+            tensors.update({f"optimizer.{k}": v for k, v in opt_tensors.items()})
+            if hasattr(stream, "state_dict"):
+                tensors.update({f"stream.{k}": v for k, v in stream.state_dict().items()})
+            return save_checkpoint(run_dir, state.step, tensors, {
+                **(checkpoint_meta or {}), "batch_size": batch_size, "param_groups": param_groups,
+                "tokens_seen": state.tokens_seen, "has_stream_state": hasattr(stream, "state_dict"),
+            })
+
+        preemption = _PreemptionSignals()
         try:
+            preemption.install()
             for step in range(state.step, total_steps):
                 batch = next(batches, None)
                 if batch is None:
@@ -191,19 +207,17 @@ class Trainer:
                         wandb_run.log({f"train/{k}": v for k, v in final.items()}, step=state.step)
                     state.window = _Window(sae_cfg.d_sae, sae_cfg.device)
                 if checkpoint_every and state.step % checkpoint_every == 0 and state.step < total_steps:
-                    tensors = {**{f"sae.{k}": v for k, v in sae.state_dict().items()}, **state.tensors()}
-                    opt_tensors, param_groups = flatten_optimizer(optimizer.state_dict())
-                    tensors.update({f"optimizer.{k}": v for k, v in opt_tensors.items()})
-                    if hasattr(stream, "state_dict"):
-                        tensors.update({f"stream.{k}": v for k, v in stream.state_dict().items()})
-                    save_checkpoint(run_dir, state.step, tensors, {
-                        **(checkpoint_meta or {}), "batch_size": batch_size, "param_groups": param_groups,
-                        "tokens_seen": state.tokens_seen, "has_stream_state": hasattr(stream, "state_dict"),
-                    })
+                    save()
+                if preemption.signal_name is not None and state.step < total_steps:
+                    raise Preempted(
+                        f"received {preemption.signal_name} at step {state.step}: saved {save()}; rerun the same "
+                        "command (same trainer.exp_result_path) to resume"
+                    )
                 if evaluate is not None and cfg.eval_frequency and state.step % cfg.eval_frequency == 0 \
                         and state.step < total_steps:  # the last step gets the final evaluation below
                     _log_eval(evaluate(sae), state.step, progress, wandb_run)
         finally:
+            preemption.restore()
             progress.close()
         if state.window.n_tokens:  # the stream ended between log lines
             final = state.window.summary(state.tokens_since_fired_S, min(cfg.dead_feature_window, state.tokens_seen))
@@ -219,6 +233,37 @@ class Trainer:
 
 class TrainingDiverged(FloatingPointError):
     """The loss became NaN or infinite."""
+
+
+class Preempted(RuntimeError):
+    """SIGTERM or SIGUSR1 (a scheduler's preemption notice) arrived; a checkpoint was written at the step's end."""
+
+
+class _PreemptionSignals:
+    """Turns SIGTERM/SIGUSR1 into a flag the training loop reads between steps, so the checkpoint it then
+    writes is consistent (never mid-step). Only the main thread can install handlers; elsewhere this is inert."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for name in self.SIGNALS:
+            if hasattr(signal, name):
+                signum = getattr(signal, name)
+                self._previous[signum] = signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
 
 
 class _State:

@@ -1,8 +1,9 @@
-"""Run train_sae from a settings JSON and SIGKILL the process when the stream hands out batch number N.
+"""Run train_sae from a settings JSON and signal the process when the stream hands out batch number N.
 
-    python tests/kill_driver.py SETTINGS_JSON N
+    python tests/kill_driver.py SETTINGS_JSON N [SIGNAL]
 
-A real, uncatchable kill at a deterministic point, for the exact-resume test.
+SIGKILL (the default) is a real, uncatchable kill at a deterministic point, for the exact-resume test;
+SIGTERM / SIGUSR1 are a scheduler's preemption notice: training checkpoints and the driver exits with 3.
 """
 
 import json
@@ -12,9 +13,11 @@ import sys
 
 from lm_saes import TrainSAESettings, train_sae
 from lm_saes.activation import ActivationStream
+from lm_saes.trainer import Preempted
 
 settings = TrainSAESettings.model_validate(json.loads(open(sys.argv[1]).read()))
 kill_at = int(sys.argv[2])
+signum = getattr(signal, sys.argv[3] if len(sys.argv) > 3 else "SIGKILL")
 original_next = ActivationStream.__next__
 served = 0
 
@@ -23,9 +26,13 @@ def next_or_die(self):  # type: ignore[no-untyped-def]
     global served
     served += 1
     if served == kill_at:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signum)
     return original_next(self)
 
 
 ActivationStream.__next__ = next_or_die  # type: ignore[method-assign]
-train_sae(settings)
+try:
+    train_sae(settings)
+except Preempted as e:
+    print(e, file=sys.stderr)
+    sys.exit(3)

@@ -52,6 +52,28 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_weights(act_fn, tiny_model_d
     assert m1["explained_variance"] == m2["explained_variance"] and m1["n_training_tokens"] == m2["n_training_tokens"]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGUSR1"])
+def test_preemption_signal_checkpoints_and_the_rerun_resumes_exactly(signal_name, tiny_model_dir, corpus_file, tmp_path) -> None:
+    train_sae(_ckpt_settings(tiny_model_dir, corpus_file, tmp_path / "whole"))
+    settings = _ckpt_settings(tiny_model_dir, corpus_file, tmp_path / "preempted")
+    settings.trainer.n_checkpoints = 0  # the only checkpoint is the one the signal causes
+    settings_file = tmp_path / "settings.json"
+    settings_file.write_text(json.dumps(settings.model_dump(mode="json")))
+    # Batch 20 is training step 18 (the initializer took 2): the signal lands during it, the step completes.
+    result = subprocess.run([sys.executable, str(DRIVER), str(settings_file), "20", signal_name], capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 3, result.stderr
+    assert f"received {signal_name} at step 18" in result.stderr
+    run = tmp_path / "preempted"
+    assert json.loads((run / "status.json").read_text())["status"] == "preempted"
+    assert latest_checkpoint_path(run).name == "step_00000018"
+    train_sae(settings)
+    whole, resumed = load_file(str(tmp_path / "whole" / "sae_weights.safetensors")), load_file(str(run / "sae_weights.safetensors"))
+    for name in whole:
+        assert torch.equal(whole[name], resumed[name]), name
+
+
 def test_checkpoints_are_written_evenly_and_atomically(tiny_model_dir, corpus_file, tmp_path) -> None:
     run = tmp_path / "run"
     train_sae(_ckpt_settings(tiny_model_dir, corpus_file, run))

@@ -26,7 +26,7 @@ from lm_saes.language_model import LanguageModelConfig, TransformerLensLanguageM
 from lm_saes.checkpoint import CHECKPOINT_DIR, Checkpoint, CheckpointError, latest_checkpoint_path, load_checkpoint
 from lm_saes.run_dir import RUN_CONFIG_FILE, claim, is_finished, write_status, write_text_atomic
 from lm_saes.sae import SAEConfig, SparseAutoEncoder
-from lm_saes.trainer import Trainer, TrainerConfig
+from lm_saes.trainer import Preempted, Trainer, TrainerConfig
 
 
 class WandbConfig(BaseConfig):
@@ -122,6 +122,9 @@ def train_sae(settings: TrainSAESettings) -> SparseAutoEncoder:
             + (f"  ce_loss_score={final['ce_loss_score']:.3f}" if "ce_loss_score" in final else "")
         )
         return sae
+    except Preempted as e:
+        write_status(run_dir, "preempted", error=str(e))
+        raise
     except BaseException as e:
         write_status(run_dir, "failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
         raise
