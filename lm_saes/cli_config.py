@@ -6,7 +6,9 @@ with the Compose API, so that a bad key, value or preset fails before Hydra make
 
 from __future__ import annotations
 
+import importlib
 import sys
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -160,8 +162,33 @@ def _explain_override_failure(error: Exception, parsed: list[Any], config_name: 
 PREEMPTED_EXIT_CODE = 3
 """`lm-saes train` exits with this after SIGTERM/SIGUSR1 and a checkpoint: rerun (or requeue) to resume."""
 
-RUN_DIR_VERBS = ("evaluate", "analyze", "dashboard", "report")
-"""Verbs whose first positional argument is a run directory."""
+@dataclass(frozen=True)
+class _RunDirVerb:
+    """A verb whose first positional argument is a run (or sweep) directory. Each field is "module:name",
+    imported only when the verb runs, so `lm-saes --help` stays free of torch."""
+
+    settings: str
+    """The settings class the composed config validates into."""
+    runner: str
+    """The function that takes those settings and does the work."""
+    check: str | None = None
+    """A function of the directory that raises UserInputError when the verb cannot use it (run in the pre-check)."""
+
+
+RUN_DIR_VERBS: dict[str, _RunDirVerb] = {
+    "evaluate": _RunDirVerb("lm_saes.runners.evaluate:EvaluateSettings", "lm_saes.runners.evaluate:evaluate_run",
+                            "lm_saes.runners.evaluate:load_run_settings"),
+    "analyze": _RunDirVerb("lm_saes.runners.analyze:AnalyzeSettings", "lm_saes.runners.analyze:analyze_run",
+                           "lm_saes.runners.evaluate:load_run_settings"),
+    "dashboard": _RunDirVerb("lm_saes.runners.dashboard:DashboardSettings", "lm_saes.runners.dashboard:dashboard_run",
+                             "lm_saes.analysis.files:read_analysis_info"),
+    "report": _RunDirVerb("lm_saes.runners.report:ReportSettings", "lm_saes.runners.report:report_run"),
+}
+
+
+def _load(target: str) -> Any:
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def run_hydra_verb(verb: str, overrides: list[str]) -> int:
@@ -172,16 +199,8 @@ def run_hydra_verb(verb: str, overrides: list[str]) -> int:
     if not multirun and not hydra_flags:
         try:
             composed = compose_single_run(overrides, config_name=verb)
-            if verb == "evaluate":
-                evaluate_settings_from_config(composed, check_run_dir=True)
-            elif verb == "analyze":
-                analyze_settings_from_config(composed, check_run_dir=True)
-            elif verb == "dashboard":
-                dashboard_settings_from_config(composed, check_run_dir=True)
-            elif verb == "report":
-                from lm_saes.runners.report import ReportSettings
-
-                _run_dir_settings(composed, "report", ReportSettings)
+            if verb in RUN_DIR_VERBS:
+                run_dir_settings_from_config(verb, composed, check_run_dir=True)
             else:
                 settings_from_config(composed, run_dir=None)
         except ConfigError as e:
@@ -230,7 +249,7 @@ def run_train_job(cfg: DictConfig) -> None:
         print(f"lm-saes train: job {hydra_cfg.job.num} failed: {type(e).__name__}: {e}", file=sys.stderr)
 
 
-# --- evaluate --------------------------------------------------------------------------------------------
+# --- verbs on a run directory: evaluate, analyze, dashboard, report -------------------------------------
 
 def positional_run_dir(args: list[str]) -> list[str]:
     """`RUN_DIR k=v ...` -> `run_dir='RUN_DIR' k=v ...`: the first argument that is neither a flag nor an override."""
@@ -241,38 +260,13 @@ def positional_run_dir(args: list[str]) -> list[str]:
     return args
 
 
-def evaluate_settings_from_config(cfg: DictConfig, check_run_dir: bool = False) -> Any:
-    """Validate a composed `evaluate` config into EvaluateSettings (and, if asked, check the run directory)."""
-    from pathlib import Path
-
-    from lm_saes.runners.evaluate import EvaluateSettings, load_run_settings
-
-    settings = _run_dir_settings(cfg, "evaluate", EvaluateSettings)
-    if check_run_dir:
-        try:
-            load_run_settings(Path(settings.run_dir))
-        except UserInputError as e:
-            raise ConfigError(str(e)) from None
-    return settings
-
-
-def run_evaluate_job(cfg: DictConfig) -> None:
-    """The body of the `evaluate` Hydra job: validate, evaluate, and report user mistakes as one line."""
-    from lm_saes.runners.evaluate import evaluate_run
-
-    try:
-        evaluate_run(evaluate_settings_from_config(cfg))
-    except (ConfigError, UserInputError) as e:
-        print(f"lm-saes evaluate: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-# --- analyze and dashboard -------------------------------------------------------------------------------
-
-def _run_dir_settings(cfg: DictConfig, verb: str, settings_cls: Any) -> Any:
-    """Validate a composed run-directory verb's config into `settings_cls` (ConfigError with one line)."""
+def run_dir_settings_from_config(verb: str, cfg: DictConfig, check_run_dir: bool = False) -> Any:
+    """Validate a composed run-directory verb's config into its settings (ConfigError with one line); with
+    `check_run_dir`, also check the directory is one the verb can use."""
     from pydantic import ValidationError
 
+    spec = RUN_DIR_VERBS[verb]
+    settings_cls = _load(spec.settings)
     if OmegaConf.is_missing(cfg, "run_dir"):
         raise ConfigError(f"run_dir: missing; usage: lm-saes {verb} RUN_DIR [KEY=VALUE ...]")
     try:
@@ -281,73 +275,20 @@ def _run_dir_settings(cfg: DictConfig, verb: str, settings_cls: Any) -> Any:
         raise ConfigError(f"{getattr(e, 'full_key', '')}: {str(e).splitlines()[0]}") from None
     data.pop("hydra", None)
     try:
-        return settings_cls.model_validate(data)
+        settings = settings_cls.model_validate(data)
+        if check_run_dir and spec.check is not None:
+            _load(spec.check)(Path(settings.run_dir))
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, settings_cls)) from None
     except UserInputError as e:
         raise ConfigError(str(e)) from None
-
-
-def analyze_settings_from_config(cfg: DictConfig, check_run_dir: bool = False) -> Any:
-    """Validate a composed `analyze` config into AnalyzeSettings (and, if asked, check the run directory)."""
-    from pathlib import Path
-
-    from lm_saes.runners.analyze import AnalyzeSettings
-    from lm_saes.runners.evaluate import load_run_settings
-
-    settings = _run_dir_settings(cfg, "analyze", AnalyzeSettings)
-    if check_run_dir:
-        try:
-            load_run_settings(Path(settings.run_dir))
-        except UserInputError as e:
-            raise ConfigError(str(e)) from None
     return settings
 
 
-def dashboard_settings_from_config(cfg: DictConfig, check_run_dir: bool = False) -> Any:
-    """Validate a composed `dashboard` config into DashboardSettings (and, if asked, check the analysis files)."""
-    from pathlib import Path
-
-    from lm_saes.analysis.files import read_analysis_info
-    from lm_saes.runners.dashboard import DashboardSettings
-
-    settings = _run_dir_settings(cfg, "dashboard", DashboardSettings)
-    if check_run_dir:
-        try:
-            read_analysis_info(Path(settings.run_dir))
-        except UserInputError as e:
-            raise ConfigError(str(e)) from None
-    return settings
-
-
-def run_analyze_job(cfg: DictConfig) -> None:
-    """The body of the `analyze` Hydra job: validate, analyse, and report user mistakes as one line."""
-    from lm_saes.runners.analyze import analyze_run
-
+def run_dir_job(verb: str, cfg: DictConfig) -> None:
+    """The body of a run-directory verb's Hydra job: validate, run, and report user mistakes as one line."""
     try:
-        analyze_run(analyze_settings_from_config(cfg))
+        _load(RUN_DIR_VERBS[verb].runner)(run_dir_settings_from_config(verb, cfg))
     except (ConfigError, UserInputError) as e:
-        print(f"lm-saes analyze: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-def run_dashboard_job(cfg: DictConfig) -> None:
-    """The body of the `dashboard` Hydra job: validate, render, and report user mistakes as one line."""
-    from lm_saes.runners.dashboard import dashboard_run
-
-    try:
-        dashboard_run(dashboard_settings_from_config(cfg))
-    except (ConfigError, UserInputError) as e:
-        print(f"lm-saes dashboard: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-def run_report_job(cfg: DictConfig) -> None:
-    """The body of the `report` Hydra job: gather the sweep, print and write the report."""
-    from lm_saes.runners.report import ReportSettings, report_run
-
-    try:
-        report_run(_run_dir_settings(cfg, "report", ReportSettings))
-    except (ConfigError, UserInputError) as e:
-        print(f"lm-saes report: {e}", file=sys.stderr)
+        print(f"lm-saes {verb}: {e}", file=sys.stderr)
         sys.exit(2)

@@ -15,30 +15,30 @@ def train(cfg: DictConfig) -> None:
 
 @hydra.main(config_path="pkg://lm_saes.conf", config_name="evaluate", version_base="1.3")
 def evaluate(cfg: DictConfig) -> None:
-    from lm_saes.cli_config import run_evaluate_job
+    from lm_saes.cli_config import run_dir_job
 
-    run_evaluate_job(cfg)
+    run_dir_job("evaluate", cfg)
 
 
 @hydra.main(config_path="pkg://lm_saes.conf", config_name="analyze", version_base="1.3")
 def analyze(cfg: DictConfig) -> None:
-    from lm_saes.cli_config import run_analyze_job
+    from lm_saes.cli_config import run_dir_job
 
-    run_analyze_job(cfg)
+    run_dir_job("analyze", cfg)
 
 
 @hydra.main(config_path="pkg://lm_saes.conf", config_name="dashboard", version_base="1.3")
 def dashboard(cfg: DictConfig) -> None:
-    from lm_saes.cli_config import run_dashboard_job
+    from lm_saes.cli_config import run_dir_job
 
-    run_dashboard_job(cfg)
+    run_dir_job("dashboard", cfg)
 
 
 @hydra.main(config_path="pkg://lm_saes.conf", config_name="report", version_base="1.3")
 def report(cfg: DictConfig) -> None:
-    from lm_saes.cli_config import run_report_job
+    from lm_saes.cli_config import run_dir_job
 
-    run_report_job(cfg)
+    run_dir_job("report", cfg)
 
 
 APPS = {"train": train, "evaluate": evaluate, "analyze": analyze, "dashboard": dashboard, "report": report}
