@@ -76,12 +76,8 @@ class Evaluator:
 
         The SAE runs in inference mode (a BatchTopK SAE as its per-token JumpReLU), whatever mode it was in.
         """
-        was_training = sae.training
-        sae.eval()
-        try:
+        with sae.inference():
             return self._evaluate(sae, model, contexts)
-        finally:
-            sae.train(was_training)
 
     @torch.no_grad()
     def _evaluate(

@@ -8,15 +8,13 @@ from pathlib import Path
 import pytest
 
 from lm_saes.cli import main
-from tests.test_cli import run_cli, tiny_overrides
+from tests.test_cli import run_cli, train_tiny_run
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tiny_model_dir, corpus_file, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("analyze") / "a run"  # a space: the positional must survive Hydra's parser
-    result = run_cli("train", "+sae=relu_8x", *tiny_overrides(tiny_model_dir, corpus_file, run_dir), "trainer.lr=3e-3")
-    assert result.returncode == 0, result.stderr
-    return run_dir
+    # A space in the name: the positional run directory must survive Hydra's parser.
+    return train_tiny_run(tiny_model_dir, corpus_file, tmp_path_factory.mktemp("analyze") / "a run")
 
 
 @pytest.mark.slow

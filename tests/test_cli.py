@@ -157,12 +157,17 @@ EVAL_KEYS = {
 }
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tiny_model_dir, corpus_file, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("eval") / "a run"  # a space: the positional must survive Hydra's parser
+def train_tiny_run(tiny_model_dir: Path, corpus_file: Path, run_dir: Path) -> Path:
+    """A finished tiny training run through the real CLI, for the verbs that read a run directory."""
     result = run_cli("train", "+sae=relu_8x", *tiny_overrides(tiny_model_dir, corpus_file, run_dir), "trainer.lr=3e-3")
     assert result.returncode == 0, result.stderr
     return run_dir
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model_dir, corpus_file, tmp_path_factory) -> Path:
+    # A space in the name: the positional run directory must survive Hydra's parser.
+    return train_tiny_run(tiny_model_dir, corpus_file, tmp_path_factory.mktemp("eval") / "a run")
 
 
 @pytest.mark.slow

@@ -122,12 +122,8 @@ class FeatureAnalyzer:
 
         The SAE runs in inference mode (BatchTopK as its per-token JumpReLU), whatever mode it was in.
         """
-        was_training = sae.training
-        sae.eval()
-        try:
+        with sae.inference():
             return self._analyze(sae, model, contexts)
-        finally:
-            sae.train(was_training)
 
     @torch.no_grad()
     def _analyze(

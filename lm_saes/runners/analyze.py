@@ -12,12 +12,8 @@ from pathlib import Path
 
 from lm_saes.analysis import AnalysisConfig, FeatureAnalysis, FeatureAnalyzer, save_analysis
 from lm_saes.config_base import BaseConfig, Device
-from lm_saes.datasets import DatasetConfig, load_dataset
-from lm_saes.errors import UserInputError
-from lm_saes.evaluator import held_out_contexts, tokens_read_by_training
-from lm_saes.language_model import TransformerLensLanguageModel
-from lm_saes.runners.evaluate import _n_training_tokens, load_run_settings
-from lm_saes.sae import SparseAutoEncoder
+from lm_saes.datasets import DatasetConfig
+from lm_saes.runners.evaluate import load_held_out_run, load_run_settings
 
 
 class AnalyzeSettings(BaseConfig):
@@ -33,29 +29,16 @@ class AnalyzeSettings(BaseConfig):
 def analyze_run(settings: AnalyzeSettings) -> FeatureAnalysis:
     """Analyse every latent of the SAE in `settings.run_dir` on held-out text; write RUN_DIR/analysis/."""
     run_dir = Path(settings.run_dir)
-    train = load_run_settings(run_dir)
     cfg = settings.analysis
-    device = settings.device or train.model.device
-    if settings.dataset is None:
-        dataset_cfg = train.datasets[train.activation_factory.sources[0].name]
-        default_skip = tokens_read_by_training(train, _n_training_tokens(run_dir))
-    else:
-        dataset_cfg, default_skip = settings.dataset, 0
-    skip = default_skip if cfg.skip_tokens is None else cfg.skip_tokens
-    context_size = cfg.context_size or train.activation_factory.context_size
     started = time.perf_counter()
-    dataset = load_dataset(dataset_cfg, "dataset.dataset_name_or_path")
-    model = TransformerLensLanguageModel(train.model.model_copy(update={"device": device}))
-    sae = SparseAutoEncoder.from_pretrained(run_dir, device=device)
+    train = load_run_settings(run_dir)
+    context_size = cfg.context_size or train.activation_factory.context_size
     # Each context holds at most context_size - 1 text tokens (one BOS); one batch more covers EOS separators.
     n_contexts = math.ceil(cfg.n_tokens / (context_size - 1)) + cfg.model_batch_size
-    contexts = held_out_contexts((row["text"] for row in dataset), model, context_size, skip, n_contexts)
-    if not contexts:
-        raise UserInputError(
-            "analysis.skip_tokens", skip, f"{dataset_cfg.dataset_name_or_path} has no text left after skipping "
-            f"{skip:,} tokens (what training read); analyse another corpus (+dataset.dataset_name_or_path=...)",
-        )
-    result = FeatureAnalyzer(cfg).analyze(sae, model, contexts)
+    run = load_held_out_run(run_dir, train, settings.device, settings.dataset, cfg.skip_tokens, context_size,
+                            n_contexts, "analysis", "analyse")
+    model, dataset_cfg, skip = run.model, run.dataset_cfg, run.skip_tokens
+    result = FeatureAnalyzer(cfg).analyze(run.sae, model, run.contexts)
     result.info.update(run_dir=str(run_dir), dataset=dataset_cfg.dataset_name_or_path, skip_tokens=skip,
                        context_size=context_size, seconds=round(time.perf_counter() - started, 1))
     folder = save_analysis(result, run_dir, model.tokenizer)

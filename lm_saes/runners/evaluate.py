@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from pydantic import ValidationError
 from rich.console import Console
@@ -62,34 +64,63 @@ def load_run_settings(run_dir: Path) -> TrainSAESettings:
         raise UserInputError("run_dir", str(run_dir), f"{RUN_CONFIG_FILE} is not a valid run config ({first})") from None
 
 
-def evaluate_run(settings: EvaluateSettings, console: Console | None = None) -> EvalResult:
-    """Evaluate the SAE in `settings.run_dir` on held-out text; write eval.json there and print a table."""
-    run_dir = Path(settings.run_dir)
-    train = load_run_settings(run_dir)
-    cfg = settings.evaluator
-    device = settings.device or train.model.device
-    if settings.dataset is None:
+@dataclass
+class HeldOutRun:
+    """A finished run loaded for inspection, with the held-out contexts to inspect it on."""
+
+    train: TrainSAESettings
+    dataset_cfg: DatasetConfig
+    skip_tokens: int
+    context_size: int
+    model: TransformerLensLanguageModel
+    sae: SparseAutoEncoder
+    contexts: list[torch.Tensor]
+
+
+def load_held_out_run(
+    run_dir: Path, train: TrainSAESettings, device: str | None, dataset: DatasetConfig | None,
+    skip_tokens: int | None, context_size: int | None, n_contexts: int, section: str, verb: str,
+) -> HeldOutRun:
+    """The run's model and SAE, and `n_contexts` contexts of text it never trained on (`train` is the run's
+    settings, from `load_run_settings`).
+
+    With `dataset` None: the run's first dataset, past every token training could have read (or `skip_tokens`).
+    `section` ("evaluator", "analysis") and `verb` name the user's keys in the error when no text is left.
+    """
+    device = device or train.model.device
+    if dataset is None:
         dataset_cfg, key = train.datasets[train.activation_factory.sources[0].name], "datasets (from the run)"
         default_skip = tokens_read_by_training(train, _n_training_tokens(run_dir))
     else:
-        dataset_cfg, key, default_skip = settings.dataset, "dataset.dataset_name_or_path", 0
-    skip = default_skip if cfg.skip_tokens is None else cfg.skip_tokens
-    context_size = cfg.context_size or train.activation_factory.context_size
-    dataset = load_dataset(dataset_cfg, key)
+        dataset_cfg, key, default_skip = dataset, "dataset.dataset_name_or_path", 0
+    skip = default_skip if skip_tokens is None else skip_tokens
+    context_size = context_size or train.activation_factory.context_size
+    texts = load_dataset(dataset_cfg, key)
     model = TransformerLensLanguageModel(train.model.model_copy(update={"device": device}))
     sae = SparseAutoEncoder.from_pretrained(run_dir, device=device)
-    contexts = held_out_contexts((row["text"] for row in dataset), model, context_size, skip, cfg.n_contexts)
+    contexts = held_out_contexts((row["text"] for row in texts), model, context_size, skip, n_contexts)
     if not contexts:
         raise UserInputError(
-            "evaluator.skip_tokens", skip, f"{dataset_cfg.dataset_name_or_path} has no text left after skipping "
-            f"{skip:,} tokens (what training read); evaluate another corpus (+dataset.dataset_name_or_path=...)",
+            f"{section}.skip_tokens", skip, f"{dataset_cfg.dataset_name_or_path} has no text left after skipping "
+            f"{skip:,} tokens (what training read); {verb} another corpus (+dataset.dataset_name_or_path=...)",
         )
+    return HeldOutRun(train, dataset_cfg, skip, context_size, model, sae, contexts)
+
+
+def evaluate_run(settings: EvaluateSettings, console: Console | None = None) -> EvalResult:
+    """Evaluate the SAE in `settings.run_dir` on held-out text; write eval.json there and print a table."""
+    run_dir = Path(settings.run_dir)
+    cfg = settings.evaluator
+    run = load_held_out_run(run_dir, load_run_settings(run_dir), settings.device, settings.dataset, cfg.skip_tokens,
+                            cfg.context_size, cfg.n_contexts, "evaluator", "evaluate")
+    contexts = run.contexts
     console = console or Console(width=None if sys.stdout.isatty() else 140)  # a pipe gets no narrow wrap
     if len(contexts) < cfg.n_contexts:
         console.print(f"[yellow]warning: the corpus ends after {len(contexts)} held-out contexts of {cfg.n_contexts}")
-    result = Evaluator(cfg).evaluate(sae, model, contexts)
+    result = Evaluator(cfg).evaluate(run.sae, run.model, contexts)
     result.info.update(
-        run_dir=str(run_dir), dataset=dataset_cfg.dataset_name_or_path, skip_tokens=skip, context_size=context_size,
+        run_dir=str(run_dir), dataset=run.dataset_cfg.dataset_name_or_path, skip_tokens=run.skip_tokens,
+        context_size=run.context_size,
     )
     write_json_atomic(run_dir / EVAL_FILE, result.to_json())
     print_table(result, console)

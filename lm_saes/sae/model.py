@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -96,6 +98,16 @@ class SparseAutoEncoder(nn.Module):
 
     def forward(self, x_BD: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x_BD))
+
+    @contextlib.contextmanager
+    def inference(self) -> Iterator["SparseAutoEncoder"]:
+        """Run as at inference (a BatchTopK SAE as its per-token JumpReLU), then restore the mode it was in."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield self
+        finally:
+            self.train(was_training)
 
     def decoder_norms(self) -> torch.Tensor:
         return self.W_D.norm(dim=1)
