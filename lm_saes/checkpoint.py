@@ -1,7 +1,7 @@
 """Training checkpoints: one format, written atomically, read back with clear errors.
 
 A checkpoint is a folder `checkpoints/step_00001234/` holding `state.safetensors` (every tensor: weights,
-Adam moments, counters, RNG states, the activation stream's buffer) and `meta.json` (step, token counts,
+Adam moments, counters, RNG states, the activation stream's buffer, one per rank when data-parallel) and `meta.json` (step, token counts,
 optimizer hyperparameters, the settings that produced it). It is written into a hidden temporary folder and
 renamed into place, so a crash during a write leaves the previous checkpoint as the latest complete one.
 No pickle anywhere.
@@ -38,6 +38,12 @@ class Checkpoint:
     def section(self, prefix: str) -> dict[str, torch.Tensor]:
         """The tensors saved under `prefix.`, with the prefix removed."""
         return {k.removeprefix(prefix + "."): v for k, v in self.tensors.items() if k.startswith(prefix + ".")}
+
+
+def stream_section(rank: int, world_size: int) -> str:
+    """Where a checkpoint keeps the activation stream's position: `stream`, or with data parallelism one
+    section per rank (`stream.rank0`, `stream.rank1`, ...), each rank resuming from its own."""
+    return "stream" if world_size == 1 else f"stream.rank{rank}"
 
 
 def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:

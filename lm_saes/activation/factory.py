@@ -12,6 +12,7 @@ from pydantic import Field, field_validator, model_validator
 from lm_saes.activation.buffer import FifoBatcher, ShuffleBuffer
 from lm_saes.activation.packing import pack_documents
 from lm_saes.config_base import BaseConfig, Device
+from lm_saes.errors import UserInputError
 from lm_saes.language_model import TransformerLensLanguageModel
 
 ActivationBatch = dict[str, torch.Tensor]
@@ -75,15 +76,19 @@ class ActivationFactory:
         model_name: str,
         datasets: Mapping[str, Any],
         state: dict[str, torch.Tensor] | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> "ActivationStream":
         """Stream batches of activations. `model_name` labels the stream; it is not loaded.
 
         `state` is a stream's `state_dict()`: the stream then continues exactly where that one was.
+        With `world_size` > 1 (data-parallel training) this is rank `rank`'s share of the stream: see
+        `ActivationStream`.
         """
         missing = [s.name for s in self.cfg.sources if s.name not in datasets]
         if missing:
             raise KeyError(f"activation_factory.sources name datasets {missing} not given; have {sorted(datasets)}")
-        return ActivationStream(self.cfg, model, datasets, state)
+        return ActivationStream(self.cfg, model, datasets, state, rank=rank, world_size=world_size)
 
 
 class ActivationStream:
@@ -92,20 +97,31 @@ class ActivationStream:
     Its position is: which source, how many packed contexts of it went through the model, and the
     re-batcher's rows and random state. Resuming re-tokenizes and skips the consumed contexts (cheap) rather
     than re-running the model on them.
+
+    Data parallelism: rank r of `world_size` runs the model only on the forward groups it owns (`owns`), and
+    batches their rows into batches of batch_size / world_size, shuffled with seed perm_seed + r (buffer_size
+    rows per rank). The ranks' groups are disjoint and together are every group: one global batch is the
+    ranks' batches of one step together.
     """
 
     def __init__(self, cfg: ActivationFactoryConfig, model: TransformerLensLanguageModel,
-                 datasets: Mapping[str, Any], state: dict[str, torch.Tensor] | None = None) -> None:
+                 datasets: Mapping[str, Any], state: dict[str, torch.Tensor] | None = None,
+                 rank: int = 0, world_size: int = 1) -> None:
+        if cfg.batch_size % world_size:
+            raise UserInputError("activation_factory.batch_size", cfg.batch_size,
+                                 f"must be divisible by the number of data-parallel processes ({world_size})")
         self.cfg, self.model, self.datasets = cfg, model, datasets
+        self.rank, self.world_size = rank, world_size
         self.source_index = 0
         self.contexts_done = 0
         self.draining = False
+        batch_size = cfg.batch_size // world_size
         if cfg.buffer_size is None:
-            self.batcher: ShuffleBuffer | FifoBatcher = FifoBatcher(cfg.batch_size)
+            self.batcher: ShuffleBuffer | FifoBatcher = FifoBatcher(batch_size)
         else:
             shuffle = cfg.buffer_shuffle
-            generator = torch.Generator(device=shuffle.generator_device or "cpu").manual_seed(shuffle.perm_seed)
-            self.batcher = ShuffleBuffer(cfg.buffer_size, cfg.batch_size, generator)
+            generator = torch.Generator(device=shuffle.generator_device or "cpu").manual_seed(shuffle.perm_seed + rank)
+            self.batcher = ShuffleBuffer(cfg.buffer_size, batch_size, generator)
         if state is not None:
             self.load_state_dict(state)
         self._batches = self._generate()
@@ -125,6 +141,11 @@ class ActivationStream:
         self.draining = bool(draining)
         self.batcher.load_state_dict({k.removeprefix("batcher."): v for k, v in state.items() if k.startswith("batcher.")})
 
+    def owns(self, group_index: int) -> bool:
+        """Whether this rank runs forward group `group_index` (counted from a source's start); the groups of
+        the other ranks are tokenized and skipped, which is cheap next to running the model."""
+        return group_index % self.world_size == self.rank
+
     def _generate(self) -> Iterator[ActivationBatch]:
         hook_points = list(dict.fromkeys(self.cfg.hook_points))
         while not self.draining and self.source_index < len(self.cfg.sources):
@@ -137,6 +158,9 @@ class ActivationStream:
                 group = [c for _, c in zip(range(self.cfg.model_batch_size), contexts)]
                 if not group:
                     break
+                if not self.owns(self.contexts_done // self.cfg.model_batch_size):
+                    self.contexts_done += len(group)
+                    continue
                 out = self.model.run_hooks(torch.stack(group), hook_points)
                 rows = {name: acts[out.mask_BT] for name, acts in out.activations.items()}
                 rows["tokens"] = out.tokens_BT[out.mask_BT]
