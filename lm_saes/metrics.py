@@ -23,6 +23,21 @@ def explained_variance(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> torch.Tens
     return 1 - residual / total
 
 
+def explained_variance_sums(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> torch.Tensor:
+    """(d_model + 2,) float64 sums over rows: [SSE, sum ||x||^2, sum x (d_model)]. Sums add up across batches
+    or data-parallel ranks; `explained_variance_from_sums` turns them into explained_variance's value."""
+    x = x_BD.double()
+    sse = (x - x_hat_BD.double()).pow(2).sum()
+    return torch.cat([torch.stack([sse, x.pow(2).sum()]), x.sum(dim=0)])
+
+
+def explained_variance_from_sums(sums: torch.Tensor, n_rows: int) -> float:
+    """explained_variance over `n_rows` rows from their `explained_variance_sums` (added up): the total
+    variance about the mean is sum ||x||^2 - ||sum x||^2 / n."""
+    sse, sum_sq, sum_x_D = sums[0], sums[1], sums[2:]
+    return float(1 - sse / (sum_sq - sum_x_D.pow(2).sum() / n_rows))
+
+
 def l0(latents_BS: torch.Tensor) -> torch.Tensor:
     """Mean number of non-zero latents per row."""
     return (latents_BS != 0).float().sum(dim=-1).mean()

@@ -11,15 +11,19 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 
 
 class TokenProgress:
-    """Tracks tokens done against a budget; `log` prints a metrics line (always) and moves the bar (on a tty)."""
+    """Tracks tokens done against a budget; `log` prints a metrics line (always) and moves the bar (on a tty).
 
-    def __init__(self, total_tokens: int, description: str, console: Console | None = None) -> None:
-        self.console = console or Console(file=sys.stderr, log_path=False)
+    Not `enabled` (a data-parallel rank other than 0), it counts tokens and shows nothing.
+    """
+
+    def __init__(self, total_tokens: int, description: str, console: Console | None = None, enabled: bool = True) -> None:
+        self.console = console or Console(file=sys.stderr, log_path=False, quiet=not enabled)
+        self.enabled = enabled
         self.total_tokens = total_tokens
         self.start = time.perf_counter()
         self.tokens = 0
         self._bar: Progress | None = None
-        if self.console.is_terminal:
+        if enabled and self.console.is_terminal:
             self._bar = Progress(
                 TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
                 TextColumn("{task.completed:,.0f}/{task.total:,.0f} tok"), TextColumn("{task.fields[rate]}"),
@@ -39,6 +43,8 @@ class TokenProgress:
             self._bar.update(self._task, completed=self.tokens, rate=f"{self.tokens_per_second:,.0f} tok/s")
 
     def log(self, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         text = "  ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
         if self._bar is not None:
             self._bar.update(self._task, info=_short(metrics))

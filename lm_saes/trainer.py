@@ -13,13 +13,14 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from lm_saes import metrics
+from lm_saes import distributed, metrics
 from lm_saes.activation import ActivationBatch
 from lm_saes.checkpoint import (
     Checkpoint,
     flatten_optimizer,
     latest_checkpoint_path,
     save_checkpoint,
+    stream_section,
     unflatten_optimizer,
 )
 from lm_saes.config_base import BaseConfig, DType
@@ -99,16 +100,22 @@ class Trainer:
         With `trainer.n_checkpoints`, the whole training state (and the stream's position, when the stream has
         a `state_dict`, as ActivationFactory's does) is saved periodically; `resume_from` continues from one.
         `checkpoint_meta` is stored with each checkpoint (the runner puts the settings there).
+
+        Data-parallel (a torch.distributed process group, see lm_saes.distributed): every rank calls this with
+        the same SAE and its own share of the batches; the step, the schedules and every metric are those of
+        the global batch (all ranks' rows together), and only rank 0 prints, logs and writes files.
         """
         from lm_saes.run_dir import METRICS_FILE, write_json_atomic
 
         cfg, sae_cfg = self.cfg, sae.cfg
+        world, main = distributed.world_size(), distributed.is_main()
         stream = iter(activation_stream)
         if resume_from is None:
             first = next(stream, None)
-            if first is None:
+            n_first = torch.tensor([0 if first is None else len(first["tokens"]), int(first is None)])
+            batch_size, n_empty = (int(v) for v in distributed.all_reduce_sum(n_first).tolist())  # the global batch
+            if first is None or n_empty:  # every rank raises, rather than wait for the one that did
                 raise ValueError("the activation stream is empty: the corpus gave no tokens")
-            batch_size = len(first["tokens"])
             batches: Iterator[ActivationBatch] = _chain_first(first, stream)
         else:
             batch_size = int(resume_from.meta["batch_size"])
@@ -142,19 +149,26 @@ class Trainer:
         checkpoint_every = max(total_steps // (cfg.n_checkpoints + 1), 1) if cfg.n_checkpoints else 0
         run_dir = Path(cfg.exp_result_path)
         final: dict[str, float | int] = {}
-        progress = TokenProgress(total_steps * batch_size, f"training {sae_cfg.act_fn} SAE")
+        progress = TokenProgress(total_steps * batch_size, f"training {sae_cfg.act_fn} SAE", enabled=main)
         progress.advance(state.tokens_seen)
         sae.train()
 
-        def save() -> Path:
+        def save() -> Path | None:
+            """Every rank calls this (each hands over its stream's position); rank 0 writes and returns the path.
+            The rest of the state is the same on every rank."""
+            has_stream_state = hasattr(stream, "state_dict")
+            stream_state = {k: v.cpu() for k, v in stream.state_dict().items()} if has_stream_state else {}  # type: ignore[attr-defined]
+            stream_states = distributed.gather_to_main(stream_state)
+            if stream_states is None:
+                return None
             tensors = {**{f"sae.{k}": v for k, v in sae.state_dict().items()}, **state.tensors()}
             opt_tensors, param_groups = flatten_optimizer(optimizer.state_dict())
             tensors.update({f"optimizer.{k}": v for k, v in opt_tensors.items()})
-            if hasattr(stream, "state_dict"):
-                tensors.update({f"stream.{k}": v for k, v in stream.state_dict().items()})
+            for rank, rank_state in enumerate(stream_states):
+                tensors.update({f"{stream_section(rank, world)}.{k}": v for k, v in rank_state.items()})
             return save_checkpoint(run_dir, state.step, tensors, {
                 **(checkpoint_meta or {}), "batch_size": batch_size, "param_groups": param_groups,
-                "tokens_seen": state.tokens_seen, "has_stream_state": hasattr(stream, "state_dict"),
+                "tokens_seen": state.tokens_seen, "has_stream_state": has_stream_state, "world_size": world,
             })
 
         preemption = _PreemptionSignals()
@@ -162,12 +176,15 @@ class Trainer:
             preemption.install()
             for step in range(state.step, total_steps):
                 batch = next(batches, None)
-                if batch is None:
+                n = 0 if batch is None else len(batch["tokens"])
+                n_global, n_ended = distributed.all_reduce_sum(torch.tensor([n, int(batch is None)])).tolist()
+                if n_ended:  # all ranks stop together once one rank's share of the stream ends
                     progress.console.print(
                         f"[yellow]warning: the activation stream ended after {state.tokens_seen:,} tokens, before the "
                         f"budget of {cfg.total_training_tokens:,}; use a larger corpus or a smaller budget"
                     )
                     break
+                assert batch is not None
                 x_in = batch[sae_cfg.hook_point_in].to(sae_cfg.device, sae_cfg.dtype)
                 x_out = batch[sae_cfg.hook_point_target].to(sae_cfg.device, sae_cfg.dtype)
                 l1_coefficient = cfg.l1_coefficient * min(1.0, (step + 1) / l1_warm) if l1_warm else cfg.l1_coefficient
@@ -178,26 +195,29 @@ class Trainer:
                     enabled=cfg.amp_dtype != torch.float32,
                 ):
                     out = sae.compute_loss(x_in, x_out, l1_coefficient, dead_S=dead_S)
-                if not torch.isfinite(out.loss):
-                    last = latest_checkpoint_path(run_dir)
-                    raise TrainingDiverged(
-                        f"training diverged: the loss became {out.loss.item()} at step {step}; "
-                        + (f"the last good checkpoint is {last}; " if last else "")
-                        + "lower trainer.lr or check the activations"
-                    )
                 optimizer.zero_grad(set_to_none=True)
                 out.loss.backward()
+                distributed.sum_gradients_(sae.parameters(), n / n_global)
+                totals = _StepTotals(distributed.all_reduce_sum(
+                    _step_totals(out, n, sae_cfg.d_sae, preempted=preemption.signal_name is not None)), sae_cfg.d_model)
+                if totals.diverged:  # no update: every rank stops here, at the same step
+                    last = latest_checkpoint_path(run_dir)
+                    loss = out.loss.item()
+                    raise TrainingDiverged(
+                        f"training diverged: the loss became {loss if not math.isfinite(loss) else 'non-finite on another rank'}"
+                        f" at step {step}; " + (f"the last good checkpoint is {last}; " if last else "")
+                        + "lower trainer.lr or check the activations"
+                    )
                 optimizer.step()
                 scheduler.step()
 
-                n = len(x_in)
-                with torch.no_grad():
-                    fired_S = state.window.add(out, n) > 0
-                    state.tokens_since_fired_S += n
-                    state.tokens_since_fired_S[fired_S] = 0
-                state.tokens_seen += n
+                n_global = int(n_global)
+                fired_S = state.window.add(totals) > 0
+                state.tokens_since_fired_S += n_global
+                state.tokens_since_fired_S[fired_S] = 0
+                state.tokens_seen += n_global
                 state.step = step + 1
-                progress.advance(n)
+                progress.advance(n_global)
                 if state.step % cfg.log_frequency == 0 or state.step == total_steps:
                     final = state.window.summary(state.tokens_since_fired_S, min(cfg.dead_feature_window, state.tokens_seen))
                     final.update(lr=scheduler.get_last_lr()[0], l1_coefficient=l1_coefficient,
@@ -208,12 +228,15 @@ class Trainer:
                     state.window = _Window(sae_cfg.d_sae, sae_cfg.device)
                 if checkpoint_every and state.step % checkpoint_every == 0 and state.step < total_steps:
                     save()
-                if preemption.signal_name is not None and state.step < total_steps:
+                if totals.preempted and state.step < total_steps:  # agreed by all ranks: they checkpoint together
+                    saved = save()
+                    received = f"received {preemption.signal_name}" if preemption.signal_name else \
+                        "another rank received a preemption signal"
                     raise Preempted(
-                        f"received {preemption.signal_name} at step {state.step}: saved {save()}; rerun the same "
+                        f"{received} at step {state.step}: saved {saved or 'a checkpoint (rank 0)'}; rerun the same "
                         "command (same trainer.exp_result_path) to resume"
                     )
-                if evaluate is not None and cfg.eval_frequency and state.step % cfg.eval_frequency == 0 \
+                if evaluate is not None and main and cfg.eval_frequency and state.step % cfg.eval_frequency == 0 \
                         and state.step < total_steps:  # the last step gets the final evaluation below
                     _log_eval(evaluate(sae), state.step, progress, wandb_run)
         finally:
@@ -223,11 +246,13 @@ class Trainer:
             final = state.window.summary(state.tokens_since_fired_S, min(cfg.dead_feature_window, state.tokens_seen))
             final.update(n_training_tokens=state.tokens_seen)
         final["tokens_per_second"] = progress.tokens_per_second
-        if evaluate is not None:
+        final["world_size"] = world
+        if evaluate is not None and main:
             downstream = evaluate(sae)
             _log_eval(downstream, int(final.get("step", total_steps)), progress, wandb_run)
             final.update({k: v for k, v in downstream.items() if v is not None})
-        write_json_atomic(run_dir / METRICS_FILE, final)
+        if main:
+            write_json_atomic(run_dir / METRICS_FILE, final)
         return final
 
 
@@ -309,6 +334,31 @@ def _chain_first(first: ActivationBatch, rest: Iterator[ActivationBatch]) -> Ite
     yield from rest
 
 
+_TOTALS = ("n", "mse", "sparsity_loss", "aux_k_loss", "l0", "diverged", "preempted")
+"""The scalars at the head of a step's totals: the row count, the step metrics times rows, and two flags."""
+
+
+@torch.no_grad()
+def _step_totals(out: SAELoss, n: int, d_sae: int, preempted: bool) -> torch.Tensor:
+    """This rank's step as one float64 vector of sums over its rows, so that one all-reduce makes it the global
+    batch's: the `_TOTALS` scalars, explained_variance_sums (d_model + 2), then the (d_sae,) firing counts."""
+    means = torch.stack([out.mse.double(), out.sparsity.double(), out.aux_k.double(), out.l0().double()])
+    flags = torch.stack([(~torch.isfinite(out.loss)).double(), means.new_tensor(float(preempted))])
+    scalars = torch.cat([means.new_tensor([float(n)]), means * n, flags])
+    ev_sums = metrics.explained_variance_sums(out.target_BD, out.reconstruction_BD)
+    return torch.cat([scalars, ev_sums, out.firing_counts(d_sae).double()])
+
+
+class _StepTotals:
+    """A step's totals over the global batch (after the all-reduce), read back."""
+
+    def __init__(self, totals: torch.Tensor, d_model: int) -> None:
+        self.scalars = dict(zip(_TOTALS, totals[: len(_TOTALS)].tolist()))
+        self.ev_sums = totals[len(_TOTALS) : len(_TOTALS) + d_model + 2]
+        self.fired_S = totals[len(_TOTALS) + d_model + 2 :].long()
+        self.diverged, self.preempted = self.scalars["diverged"] > 0, self.scalars["preempted"] > 0
+
+
 class _Window:
     """Token-weighted sums of the step metrics between two log lines."""
 
@@ -317,17 +367,15 @@ class _Window:
         self.sums = {"mse": 0.0, "sparsity_loss": 0.0, "aux_k_loss": 0.0, "explained_variance": 0.0, "l0": 0.0}
         self.fired_S = torch.zeros(d_sae, dtype=torch.long, device=device)
 
-    def add(self, out: SAELoss, n: int) -> torch.Tensor:
+    def add(self, totals: _StepTotals) -> torch.Tensor:
         """Accumulate one step; return its (d_sae,) firing counts."""
+        n = int(totals.scalars["n"])
         self.n_tokens += n
-        self.sums["mse"] += out.mse.item() * n
-        self.sums["sparsity_loss"] += out.sparsity.item() * n
-        self.sums["aux_k_loss"] += out.aux_k.item() * n
-        self.sums["explained_variance"] += metrics.explained_variance(out.target_BD, out.reconstruction_BD).item() * n
-        self.sums["l0"] += out.l0().item() * n
-        counts_S = out.firing_counts(len(self.fired_S))
-        self.fired_S += counts_S
-        return counts_S
+        for key in ("mse", "sparsity_loss", "aux_k_loss", "l0"):
+            self.sums[key] += totals.scalars[key]
+        self.sums["explained_variance"] += metrics.explained_variance_from_sums(totals.ev_sums, n) * n
+        self.fired_S += totals.fired_S
+        return totals.fired_S
 
     def summary(self, tokens_since_fired_S: torch.Tensor, dead_window: int) -> dict[str, float | int]:
         result: dict[str, float | int] = {k: v / self.n_tokens for k, v in self.sums.items()}

@@ -24,6 +24,18 @@ def test_explained_variance_closed_form_for_scaled_residual() -> None:
     assert abs(metrics.explained_variance(x, mean + 0.5 * (x - mean)).item() - 0.75) < 1e-5
 
 
+def test_explained_variance_from_sums_added_over_parts_equals_the_batch_function() -> None:
+    # Data-parallel ranks add their parts' sums; parts with different means make a mean-of-EVs wrong.
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(40, 6, generator=g), torch.randn(24, 6, generator=g) + 3])
+    x_hat = x + 0.4 * torch.randn(x.shape, generator=g)
+    sums = metrics.explained_variance_sums(x[:40], x_hat[:40]) + metrics.explained_variance_sums(x[40:], x_hat[40:])
+    whole = metrics.explained_variance(x, x_hat).item()
+    assert metrics.explained_variance_from_sums(sums, 64) == pytest.approx(whole, rel=1e-6)
+    halves = (metrics.explained_variance(x[:40], x_hat[:40]).item() * 40 + metrics.explained_variance(x[40:], x_hat[40:]).item() * 24) / 64
+    assert abs(halves - whole) > 1e-2  # what averaging the parts' EVs would have reported instead
+
+
 def test_l0_and_firing_counts_of_a_known_code() -> None:
     latents = torch.tensor([[0.0, 1.0, 0.0, 2.0], [3.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.5]])
     assert metrics.l0(latents).item() == (2 + 1 + 3) / 3

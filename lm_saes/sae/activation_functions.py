@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from lm_saes import distributed
+
 if TYPE_CHECKING:
     from lm_saes.sae.config import SAEConfig
 
@@ -99,8 +101,13 @@ class BatchTopK(TopK):
             return latents_BS
         with torch.no_grad():
             positive = values[values > 0]
-            if positive.numel():
-                smallest = positive.min()
+            # Data-parallel ranks each see their own batch: they move the threshold by the mean of their
+            # smallest kept values, so that it stays the same on every rank (a no-op in a single process).
+            local = torch.stack([positive.min() if positive.numel() else positive.new_zeros(()),
+                                 positive.new_tensor(float(positive.numel() > 0))])
+            smallest_sum, n_ranks = distributed.all_reduce_sum(local)
+            if n_ranks > 0:
+                smallest = smallest_sum / n_ranks
                 if bool(self.threshold_initialized):
                     self.threshold.lerp_(smallest, self.cfg.batchtopk_threshold_momentum)
                 else:
