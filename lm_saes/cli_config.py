@@ -191,11 +191,26 @@ def _load(target: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
+NON_MAIN_RANK_OVERRIDES = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
+"""Hydra writes nothing for a data-parallel rank other than 0: rank 0 owns the run directory, and tells the
+others its name (their clocks may name another)."""
+
+
 def run_hydra_verb(verb: str, overrides: list[str]) -> int:
     if verb in RUN_DIR_VERBS:
         overrides = positional_run_dir(overrides)
     multirun = any(a in ("-m", "--multirun") for a in overrides)
     hydra_flags = any(a.startswith("-") for a in overrides)
+    rank_overrides: list[str] = []  # added after the pre-check: they are Hydra's, not the user's
+    if verb == "train":
+        from lm_saes.distributed import launch_from_env
+
+        launch = launch_from_env()
+        if launch.world_size > 1 and multirun:
+            print("lm-saes train: -m under torchrun or srun would run the whole sweep in every process; run the sweep "
+                  "with hydra/launcher=slurm and hydra.launcher.tasks_per_node=N for data-parallel jobs", file=sys.stderr)
+            return 2
+        rank_overrides = NON_MAIN_RANK_OVERRIDES if launch.rank > 0 else []
     if not multirun and not hydra_flags:
         try:
             composed = compose_single_run(overrides, config_name=verb)
@@ -208,7 +223,7 @@ def run_hydra_verb(verb: str, overrides: list[str]) -> int:
             return 2
     from lm_saes.hydra_app import APPS
 
-    sys.argv = [f"lm-saes {verb}", *overrides]
+    sys.argv = [f"lm-saes {verb}", *overrides, *rank_overrides]
     try:
         APPS[verb]()
     except SystemExit as e:
@@ -222,6 +237,7 @@ def run_train_job(cfg: DictConfig) -> None:
     from hydra.types import RunMode
 
     from lm_saes.checkpoint import CheckpointError
+    from lm_saes.distributed import PeerFailed
     from lm_saes.runners.train import train_sae
     from lm_saes.trainer import Preempted, TrainingDiverged
 
@@ -234,7 +250,7 @@ def run_train_job(cfg: DictConfig) -> None:
         print(f"lm-saes train: {e}", file=sys.stderr)
         if not multirun:
             sys.exit(PREEMPTED_EXIT_CODE)
-    except (ConfigError, UserInputError, RunDirectoryError, CheckpointError, TrainingDiverged) as e:
+    except (ConfigError, UserInputError, RunDirectoryError, CheckpointError, TrainingDiverged, PeerFailed) as e:
         print(f"lm-saes train: {e}", file=sys.stderr)
         if not multirun:  # in a sweep the job's status.json says failed and the others go on
             sys.exit(2)

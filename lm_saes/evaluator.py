@@ -196,18 +196,21 @@ def held_out_contexts(
     return []
 
 
-def tokens_read_by_training(settings: TrainSAESettings, n_training_tokens: int | None = None) -> int:
+def tokens_read_by_training(settings: TrainSAESettings, n_training_tokens: int | None = None, world_size: int = 1) -> int:
     """An upper bound on the text tokens a run's activation factory read from the start of its corpus.
 
     The trainer consumed `n_training_tokens` (default: the budget) plus the initializer's batches; beyond
     those, the shuffle buffer (or the re-batcher) held at most `buffer_size` (or one batch) unconsumed
     rows, and the forward pass in flight at most one chunk of model_batch_size contexts.
+    With `world_size` data-parallel ranks, each holds its own buffer and forward chunk; since the ranks take
+    turns at the chunks, one rank may be a chunk ahead of the others: one more chunk each is the margin.
     """
     factory = settings.activation_factory
     trained = settings.trainer.total_training_tokens if n_training_tokens is None else n_training_tokens
     initializer = settings.initializer.n_norm_estimation_batches * factory.batch_size
-    held = factory.buffer_size if factory.buffer_size is not None else factory.batch_size
-    return trained + initializer + held + factory.model_batch_size * factory.context_size
+    held = factory.buffer_size if factory.buffer_size is not None else factory.batch_size // world_size
+    chunk = factory.model_batch_size * factory.context_size
+    return trained + initializer + world_size * (held + chunk) + (world_size - 1) * chunk
 
 
 TRAINING_EVAL_CONTEXTS = 4
@@ -215,12 +218,12 @@ TRAINING_EVAL_CONTEXTS = 4
 
 
 def training_evaluation(
-    settings: TrainSAESettings, model: TransformerLensLanguageModel, datasets: Mapping[str, Any]
+    settings: TrainSAESettings, model: TransformerLensLanguageModel, datasets: Mapping[str, Any], world_size: int = 1,
 ) -> Callable[[SparseAutoEncoder], dict[str, float | None]]:
     """The `evaluate` callable for `Trainer.fit`: downstream scores on a fixed batch of contexts that lie past
-    everything the run will read from its first dataset (so never trained on)."""
+    everything the run (of `world_size` data-parallel ranks) will read from its first dataset (so never trained on)."""
     factory = settings.activation_factory
-    skip = tokens_read_by_training(settings)
+    skip = tokens_read_by_training(settings, world_size=world_size)
     texts = (row["text"] for row in datasets[factory.sources[0].name])
     contexts = held_out_contexts(texts, model, factory.context_size, skip, TRAINING_EVAL_CONTEXTS)
     if not contexts:

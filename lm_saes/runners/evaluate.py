@@ -90,7 +90,7 @@ def load_held_out_run(
     device = device or train.model.device
     if dataset is None:
         dataset_cfg, key = train.datasets[train.activation_factory.sources[0].name], "datasets (from the run)"
-        default_skip = tokens_read_by_training(train, _n_training_tokens(run_dir))
+        default_skip = tokens_read_by_training(train, *_tokens_and_world_size(run_dir))
     else:
         dataset_cfg, key, default_skip = dataset, "dataset.dataset_name_or_path", 0
     skip = default_skip if skip_tokens is None else skip_tokens
@@ -127,11 +127,13 @@ def evaluate_run(settings: EvaluateSettings, console: Console | None = None) -> 
     return result
 
 
-def _n_training_tokens(run_dir: Path) -> int | None:
+def _tokens_and_world_size(run_dir: Path) -> tuple[int | None, int]:
+    """The tokens a run trained on, and over how many data-parallel ranks, from its metrics.json."""
     try:
-        return int(json.loads((run_dir / METRICS_FILE).read_text())["n_training_tokens"])
+        metrics = json.loads((run_dir / METRICS_FILE).read_text())
+        return int(metrics["n_training_tokens"]), int(metrics.get("world_size", 1))
     except (FileNotFoundError, KeyError, ValueError, TypeError):
-        return None  # fall back on the budget: an upper bound on what the run trained on
+        return None, 1  # fall back on the budget: an upper bound on what the run trained on
 
 
 _ROWS: list[tuple[str, list[tuple[str, str]]]] = [

@@ -16,6 +16,7 @@ import yaml
 from pydantic import Field, model_validator
 from rich.console import Console
 
+from lm_saes import distributed
 from lm_saes.activation import ActivationFactory, ActivationFactoryConfig
 from lm_saes.config_base import BaseConfig
 from lm_saes.datasets import DatasetConfig, load_dataset
@@ -23,7 +24,14 @@ from lm_saes.errors import UserInputError
 from lm_saes.evaluator import training_evaluation
 from lm_saes.initializer import Initializer, InitializerConfig
 from lm_saes.language_model import LanguageModelConfig, TransformerLensLanguageModel
-from lm_saes.checkpoint import CHECKPOINT_DIR, Checkpoint, CheckpointError, latest_checkpoint_path, load_checkpoint
+from lm_saes.checkpoint import (
+    CHECKPOINT_DIR,
+    Checkpoint,
+    CheckpointError,
+    latest_checkpoint_path,
+    load_checkpoint,
+    stream_section,
+)
 from lm_saes.run_dir import RUN_CONFIG_FILE, claim, is_finished, write_status, write_text_atomic
 from lm_saes.sae import SAEConfig, SparseAutoEncoder
 from lm_saes.trainer import Preempted, Trainer, TrainerConfig
@@ -77,29 +85,52 @@ def train_sae(settings: TrainSAESettings) -> SparseAutoEncoder:
     """Train an SAE as `settings` say and leave a finished run directory at trainer.exp_result_path.
 
     If that directory holds checkpoints of the same settings, training continues from the last one.
+    Started by torchrun (or as one SLURM task per GPU), every process calls this: they train one SAE on their
+    shares of the data, with rank 0's settings (its run directory), and rank 0 alone writes the run directory.
     """
+    with distributed.process_group(settings.sae.device):
+        if distributed.world_size() > 1:  # rank 0's settings on every rank (its run directory, for one)
+            settings = TrainSAESettings.model_validate_json(distributed.broadcast_object(settings.model_dump_json()))
+        return _train(settings)
+
+
+def _train(settings: TrainSAESettings) -> SparseAutoEncoder:
     run_dir = Path(settings.trainer.exp_result_path)
-    checkpoint_path = _checkpoint_to_resume(settings, run_dir)
-    claim(run_dir, settings.trainer.overwrite)
+    world, rank, main = distributed.world_size(), distributed.rank(), distributed.is_main()
+
+    def claim_run_dir() -> Path | None:
+        checkpoint_path = _checkpoint_to_resume(settings, run_dir)
+        claim(run_dir, settings.trainer.overwrite)
+        return checkpoint_path
+
+    checkpoint_path = distributed.on_main(claim_run_dir)  # every rank reads the checkpoint: a shared disk
     wandb_run = None
     try:
-        write_text_atomic(run_dir / RUN_CONFIG_FILE, yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False))
+        if main:
+            write_text_atomic(run_dir / RUN_CONFIG_FILE, yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False))
         checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path else None
         if checkpoint is not None:
             _check_same_settings(checkpoint, settings)
+            if int(checkpoint.meta.get("world_size", 1)) != world:
+                raise CheckpointError(
+                    f"checkpoint {checkpoint.path} was written by {checkpoint.meta.get('world_size', 1)} data-parallel "
+                    f"processes, this run has {world}; resume with as many (torchrun --nproc_per_node)"
+                )
         # Datasets first: a wrong path should fail before the model spends time loading.
         datasets = {name: load_dataset(cfg, f"datasets.{name}.dataset_name_or_path") for name, cfg in settings.datasets.items()}
         model = TransformerLensLanguageModel(settings.model)
         sae_cfg = _resolve_sae_config(settings.sae, model)
         model.check_hook_points(settings.activation_factory.hook_points, "activation_factory.hook_points")
-        stream_state = checkpoint.section("stream") if checkpoint and checkpoint.meta.get("has_stream_state") else None
-        evaluate = training_evaluation(settings, model, datasets) if settings.trainer.eval_frequency else None
+        stream_state = checkpoint.section(stream_section(rank, world)) \
+            if checkpoint and checkpoint.meta.get("has_stream_state") else None
+        evaluate = training_evaluation(settings, model, datasets, world) if settings.trainer.eval_frequency else None
         stream = ActivationFactory(settings.activation_factory).process(
-            model=model, model_name=settings.resolved_model_name, datasets=datasets, state=stream_state
+            model=model, model_name=settings.resolved_model_name, datasets=datasets, state=stream_state,
+            rank=rank, world_size=world,
         )
         if checkpoint is not None:
             sae = SparseAutoEncoder(sae_cfg)  # the trainer loads the checkpoint's weights
-            Console(file=sys.stderr).print(f"resuming from {checkpoint.path} (step {checkpoint.meta['step']})")
+            Console(file=sys.stderr, quiet=not main).print(f"resuming from {checkpoint.path} (step {checkpoint.meta['step']})")
         else:
             try:
                 sae = Initializer(settings.initializer).initialize_sae_from_config(sae_cfg, activation_stream=stream)
@@ -108,29 +139,35 @@ def train_sae(settings: TrainSAESettings) -> SparseAutoEncoder:
                     names = ", ".join(d.dataset_name_or_path for d in settings.datasets.values())
                     raise UserInputError("datasets", names, "the corpus is empty: it gave no text tokens") from None
                 raise
-        sae.cfg.save_hyperparameters(run_dir)
-        wandb_run = _start_wandb(settings)
+            distributed.broadcast_module_(sae)  # every rank starts from rank 0's initialization
+        if main:
+            sae.cfg.save_hyperparameters(run_dir)
+            wandb_run = _start_wandb(settings)
         final = Trainer(settings.trainer).fit(
             sae=sae, activation_stream=stream, wandb_run=wandb_run, evaluate=evaluate, resume_from=checkpoint,
             checkpoint_meta={"settings": _fingerprint(settings)},
         )
-        sae.save_pretrained(run_dir)
-        write_status(run_dir, "ok", metrics=final)
-        Console(file=sys.stderr).print(
-            f"[green]done[/]: {run_dir}  explained_variance={final['explained_variance']:.3f}  l0={final['l0']:.1f}  "
-            f"dead={final['dead_fraction']:.1%}  ({final['n_training_tokens']:,} tokens)"
-            + (f"  ce_loss_score={final['ce_loss_score']:.3f}" if "ce_loss_score" in final else "")
-        )
+        if main:
+            sae.save_pretrained(run_dir)
+            write_status(run_dir, "ok", metrics=final)
+            Console(file=sys.stderr).print(
+                f"[green]done[/]: {run_dir}  explained_variance={final['explained_variance']:.3f}  l0={final['l0']:.1f}  "
+                f"dead={final['dead_fraction']:.1%}  ({final['n_training_tokens']:,} tokens)"
+                + (f"  ce_loss_score={final['ce_loss_score']:.3f}" if "ce_loss_score" in final else "")
+            )
         return sae
     except Preempted as e:
-        write_status(run_dir, "preempted", error=str(e))
+        if main:
+            write_status(run_dir, "preempted", error=str(e))
         raise
     except BaseException as e:
-        write_status(run_dir, "failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+        if main:
+            write_status(run_dir, "failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
         raise
     finally:
         if wandb_run is not None:
             wandb_run.finish()
+
 
 
 def _checkpoint_to_resume(settings: TrainSAESettings, run_dir: Path) -> Path | None:
