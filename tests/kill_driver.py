@@ -4,6 +4,7 @@
 
 SIGKILL (the default) is a real, uncatchable kill at a deterministic point, for the exact-resume test;
 SIGTERM / SIGUSR1 are a scheduler's preemption notice: training checkpoints and the driver exits with 3.
+Under torchrun every rank runs this; with SIGNAL_RANK set, only that rank signals itself.
 """
 
 import json
@@ -18,6 +19,7 @@ from lm_saes.trainer import Preempted
 settings = TrainSAESettings.model_validate(json.loads(open(sys.argv[1]).read()))
 kill_at = int(sys.argv[2])
 signum = getattr(signal, sys.argv[3] if len(sys.argv) > 3 else "SIGKILL")
+signals_here = os.environ.get("SIGNAL_RANK", os.environ.get("RANK", "0")) == os.environ.get("RANK", "0")
 original_next = ActivationStream.__next__
 served = 0
 
@@ -25,7 +27,7 @@ served = 0
 def next_or_die(self):  # type: ignore[no-untyped-def]
     global served
     served += 1
-    if served == kill_at:
+    if served == kill_at and signals_here:
         os.kill(os.getpid(), signum)
     return original_next(self)
 
