@@ -14,6 +14,7 @@ verbs:
   train     train an SAE:  lm-saes train +sae=relu_8x [trainer.lr=3e-4 sae.expansion_factor=16 ...]
             sweep with -m: lm-saes train -m +sae=relu_8x sae.expansion_factor=8,16 trainer.lr=1e-4,3e-4
             on SLURM:      lm-saes train -m hydra/launcher=slurm hydra.launcher.partition=gpu +sae=relu_8x ...
+            on N GPUs:     torchrun --standalone --nproc_per_node=N --no-python lm-saes train +sae=relu_8x device=cuda
   evaluate  splice a trained SAE into its model on held-out text; write RUN_DIR/eval.json, print a table:
             lm-saes evaluate RUN_DIR [evaluator.n_contexts=64 evaluator.ablation=mean ...]
   analyze   what each latent responds to, on held-out text; write RUN_DIR/analysis/:

@@ -89,8 +89,8 @@ def process_group(device: str) -> Iterator[Launch]:
         yield launch
         return
     on_cuda = torch.device(device).type == "cuda"
-    if on_cuda:
-        torch.cuda.set_device(launch.local_rank)  # so that device="cuda" means this rank's GPU
+    if on_cuda:  # so that device="cuda" means this rank's GPU; a task that sees only its own GPU has index 0
+        torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
     # env:// reads these; under torchrun they are set already (and point at its agent's store).
     for key, value in (("RANK", launch.rank), ("WORLD_SIZE", launch.world_size), ("LOCAL_RANK", launch.local_rank),
                        ("MASTER_ADDR", launch.master_addr), ("MASTER_PORT", launch.master_port)):

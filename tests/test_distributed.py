@@ -249,9 +249,21 @@ def test_divergence_and_preemption_on_one_rank_stop_both_at_the_same_step(two_ra
 
 # --- torchrun, end to end ---------------------------------------------------------------------------------
 
-def _torchrun(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def test_a_sweep_under_torchrun_is_refused(monkeypatch, capsys) -> None:
+    from lm_saes.cli import main
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["train", "-m", "+sae=relu_8x", "trainer.lr=1e-4,3e-4"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lm-saes train: -m under torchrun or srun would run the whole sweep in every process;")
+    assert len(err.strip().splitlines()) == 1
+
+
+def _torchrun(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
+              timeout: int = 600) -> subprocess.CompletedProcess[str]:
     command = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=cwd,
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=cwd,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", **(env or {})})
 
 
@@ -261,7 +273,8 @@ def test_torchrun_lm_saes_train_makes_one_run_directory(tiny_model_dir, corpus_f
     work.mkdir()
     # A run directory named after the rank stands for Hydra's runs/DATE/TIME, which the ranks' clocks may name apart.
     overrides = [*tiny_overrides(tiny_model_dir, corpus_file, work), "hydra.run.dir=runs/rank${oc.env:RANK}"]
-    result = _torchrun("--no-python", str(BIN / "lm-saes"), "train", "+sae=relu_8x", *overrides, cwd=work)
+    command = ["--no-python", str(BIN / "lm-saes"), "train", "+sae=relu_8x", *overrides]
+    result = _torchrun(*command, cwd=work)
     assert result.returncode == 0, result.stderr
     assert [p.name for p in work.iterdir()] == ["runs"]  # rank 1 made no directory of its own, here or there
     assert [p.name for p in (work / "runs").iterdir()] == ["rank0"]
@@ -272,6 +285,13 @@ def test_torchrun_lm_saes_train_makes_one_run_directory(tiny_model_dir, corpus_f
     # Only rank 0 prints: 10 steps logged every 5 is two metric lines, and one closing line.
     assert len([line for line in result.stdout.splitlines() if "explained_variance=" in line]) == 2, result.stdout
     assert result.stderr.count("done: ") == 1, result.stderr
+
+    # Again into the finished run: rank 0 refuses, and rank 1 stops with it rather than wait at a collective.
+    again = _torchrun(*command, cwd=work, timeout=180)
+    assert again.returncode != 0
+    assert "lm-saes train: rank 0 stopped: RunDirectoryError:" in again.stderr, again.stderr
+    assert "already holds a finished run" in again.stderr
+    assert json.loads((run / "status.json").read_text())["status"] == "ok"  # untouched
 
 
 DRIVER = Path(__file__).with_name("kill_driver.py")
