@@ -1,8 +1,9 @@
 """Training checkpoints: one format, written atomically, read back with clear errors.
 
 A checkpoint is a folder `checkpoints/step_00001234/` holding `state.safetensors` (every tensor: weights,
-Adam moments, counters, RNG states, the activation stream's buffer, one per rank when data-parallel) and `meta.json` (step, token counts,
-optimizer hyperparameters, the settings that produced it). It is written into a hidden temporary folder and
+Adam moments, counters, RNG states, the activation stream's buffer, one per rank when data-parallel) and
+`meta.json` (step, token counts, optimizer hyperparameters, the settings that produced it, the number of
+data-parallel ranks). It is written into a hidden temporary folder and
 renamed into place, so a crash during a write leaves the previous checkpoint as the latest complete one.
 No pickle anywhere.
 """

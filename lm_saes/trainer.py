@@ -157,8 +157,8 @@ class Trainer:
             """Every rank calls this (each hands over its stream's position); rank 0 writes and returns the path.
             The rest of the state is the same on every rank."""
             has_stream_state = hasattr(stream, "state_dict")
-            stream_state = {k: v.cpu() for k, v in stream.state_dict().items()} if has_stream_state else {}  # type: ignore[attr-defined]
-            stream_states = distributed.gather_to_main(stream_state)
+            stream_state = getattr(stream, "state_dict", dict)()
+            stream_states = distributed.gather_to_main({k: v.cpu() for k, v in stream_state.items()})
             if stream_states is None:
                 return None
             tensors = {**{f"sae.{k}": v for k, v in sae.state_dict().items()}, **state.tensors()}
@@ -201,17 +201,15 @@ class Trainer:
                 totals = _StepTotals(distributed.all_reduce_sum(
                     _step_totals(out, n, sae_cfg.d_sae, preempted=preemption.signal_name is not None)), sae_cfg.d_model)
                 if totals.diverged:  # no update: every rank stops here, at the same step
-                    last = latest_checkpoint_path(run_dir)
-                    loss = out.loss.item()
+                    last, loss = latest_checkpoint_path(run_dir), out.loss.item()
                     raise TrainingDiverged(
-                        f"training diverged: the loss became {loss if not math.isfinite(loss) else 'non-finite on another rank'}"
-                        f" at step {step}; " + (f"the last good checkpoint is {last}; " if last else "")
+                        f"training diverged: the loss became {'non-finite on another rank' if math.isfinite(loss) else loss} "
+                        f"at step {step}; " + (f"the last good checkpoint is {last}; " if last else "")
                         + "lower trainer.lr or check the activations"
                     )
                 optimizer.step()
                 scheduler.step()
 
-                n_global = int(n_global)
                 fired_S = state.window.add(totals) > 0
                 state.tokens_since_fired_S += n_global
                 state.tokens_since_fired_S[fired_S] = 0

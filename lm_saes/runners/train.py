@@ -95,6 +95,7 @@ def train_sae(settings: TrainSAESettings) -> SparseAutoEncoder:
 
 
 def _train(settings: TrainSAESettings) -> SparseAutoEncoder:
+    """train_sae's body, on every rank; `main` (rank 0) alone writes."""
     run_dir = Path(settings.trainer.exp_result_path)
     world, rank, main = distributed.world_size(), distributed.rank(), distributed.is_main()
 
@@ -110,12 +111,7 @@ def _train(settings: TrainSAESettings) -> SparseAutoEncoder:
             write_text_atomic(run_dir / RUN_CONFIG_FILE, yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False))
         checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path else None
         if checkpoint is not None:
-            _check_same_settings(checkpoint, settings)
-            if int(checkpoint.meta.get("world_size", 1)) != world:
-                raise CheckpointError(
-                    f"checkpoint {checkpoint.path} was written by {checkpoint.meta.get('world_size', 1)} data-parallel "
-                    f"processes, this run has {world}; resume with as many (torchrun --nproc_per_node)"
-                )
+            _check_same_settings(checkpoint, settings, world)
         # Datasets first: a wrong path should fail before the model spends time loading.
         datasets = {name: load_dataset(cfg, f"datasets.{name}.dataset_name_or_path") for name, cfg in settings.datasets.items()}
         model = TransformerLensLanguageModel(settings.model)
@@ -197,7 +193,12 @@ def _fingerprint(settings: TrainSAESettings) -> dict[str, Any]:
     return data
 
 
-def _check_same_settings(checkpoint: Checkpoint, settings: TrainSAESettings) -> None:
+def _check_same_settings(checkpoint: Checkpoint, settings: TrainSAESettings, world_size: int) -> None:
+    if int(checkpoint.meta.get("world_size", 1)) != world_size:  # each rank resumes its own stream position
+        raise CheckpointError(
+            f"checkpoint {checkpoint.path} was written by {checkpoint.meta.get('world_size', 1)} data-parallel "
+            f"processes, this run has {world_size}; resume with as many (torchrun --nproc_per_node)"
+        )
     saved, now = checkpoint.meta.get("settings", {}), _fingerprint(settings)
     differing = [f"{section}.{key}" for section in sorted(set(saved) | set(now))
                  for key in sorted(set(_as_dict(saved.get(section))) | set(_as_dict(now.get(section))))
