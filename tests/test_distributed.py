@@ -38,7 +38,7 @@ from lm_saes.distributed import SINGLE, Launch, launch_from_env
 from lm_saes.errors import UserInputError
 from lm_saes.trainer import Preempted, TrainingDiverged
 from tests.test_cli import tiny_overrides
-from tests.test_train_api import HOOK, _factory_cfg, _settings
+from tests.test_train_api import _factory_cfg, _settings
 from tests.test_trainer import planted_stream
 
 BIN = Path(sys.executable).parent
