@@ -67,6 +67,22 @@ def test_launch_comes_from_torchrun_or_a_slurm_step(tmp_path, monkeypatch) -> No
     assert launch_from_env({}) == SINGLE
 
 
+def test_srun_tasks_form_one_process_group(tmp_path) -> None:
+    # Two processes with what srun gives each task (and no torchrun variables) find each other.
+    code = ("import torch; from lm_saes import distributed\n"
+            "with distributed.process_group('cpu') as launch:\n"
+            "    total = distributed.all_reduce_sum(torch.tensor([distributed.rank() + 1]))\n"
+            "    print(launch.rank, distributed.world_size(), int(total[0]))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    env.update(SLURM_STEP_NUM_TASKS="2", SLURM_JOB_ID="4242", SLURM_STEP_NODELIST="127.0.0.1",
+               MASTER_PORT=str(_free_port()))  # the job id's port may be taken on a shared machine
+    tasks = [subprocess.Popen([sys.executable, "-c", code], env={**env, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outputs = [task.communicate(timeout=120) for task in tasks]
+    assert [task.returncode for task in tasks] == [0, 0], outputs
+    assert [out.strip() for out, _ in outputs] == ["0 2 3", "1 2 3"]
+
+
 # --- the stream's shares ----------------------------------------------------------------------------------
 
 class _Recording:
