@@ -19,8 +19,13 @@ from lm_saes.errors import RunDirectoryError, UserInputError
 
 CONFIG_MODULE = "lm_saes.conf"
 GROUPS = ("model", "dataset", "activation_factory", "initializer", "sae", "trainer")
-CLI_ONLY_KEYS = ("device", "dataset")
-"""Keys of the composed config that the settings do not have (`dataset` becomes `datasets`)."""
+CLI_ONLY_KEYS = ("device", "dataset", "activation_cache")
+"""Keys of the composed config that the settings do not have (`dataset` becomes `datasets`; activation_factory=cached
+reads `activation_cache`)."""
+
+
+SOURCE_TAGS = ("dataset", "activations")
+"""The tags of activation_factory.sources' union: pydantic puts them in error locations; the user never typed them."""
 
 
 class ConfigError(Exception):
@@ -46,13 +51,11 @@ def settings_from_config(cfg: DictConfig, run_dir: str | None) -> Any:
         data: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     except Exception as e:  # an interpolation to a missing key, say
         raise ConfigError(f"{getattr(e, 'full_key', '')}: {str(e).splitlines()[0]}") from None
-    data.pop("hydra", None)
-    dataset = data.pop("dataset")
-    for key in CLI_ONLY_KEYS:
-        data.pop(key, None)
-    name = dataset.pop("name", None) or "dataset"
-    data["datasets"] = {name: dataset}
+    name = _datasets_from_cli(data)
     factory = data.get("activation_factory") or {}
+    if any(isinstance(s, dict) and s.get("type") == "activations" and s.get("path") is None for s in factory.get("sources") or []):
+        raise ConfigError("activation_cache: missing; activation_factory=cached trains from the activation cache at "
+                          "activation_cache=DIR (make one with lm-saes generate DIR)")
     if factory.get("hook_points") is None:
         sae = data["sae"]
         hooks = [sae.get("hook_point_in"), sae.get("hook_point_out") or sae.get("hook_point_in")]
@@ -68,6 +71,52 @@ def settings_from_config(cfg: DictConfig, run_dir: str | None) -> Any:
         raise ConfigError(str(e)) from None
 
 
+def _datasets_from_cli(data: dict[str, Any]) -> str:
+    """In place: drop the CLI-only keys and turn the `dataset` group into `datasets: {name: ...}`; return the name."""
+    data.pop("hydra", None)
+    dataset = data.pop("dataset")
+    for key in CLI_ONLY_KEYS:
+        data.pop(key, None)
+    name = dataset.pop("name", None) or "dataset"
+    data["datasets"] = {name: dataset}
+    return name
+
+
+def check_train_inputs(settings: Any, cfg: DictConfig) -> None:
+    """What the pre-check can see of a train run without a model: its activation caches (ConfigError with one
+    line, naming `activation_cache` when that is what the user typed)."""
+    from lm_saes.runners.train import check_activation_caches
+
+    try:
+        check_activation_caches(settings)
+    except UserInputError as e:
+        cache = cfg.get("activation_cache")
+        if cache is not None and e.key.startswith("activation_factory.sources.") and e.value == cache:
+            raise ConfigError(str(UserInputError("activation_cache", e.value, e.allowed))) from None
+        raise ConfigError(str(e)) from None
+
+
+def generate_settings_from_config(cfg: DictConfig) -> Any:
+    """Validate a composed `generate` config into GenerateSettings. Raises ConfigError with one line."""
+    from pydantic import ValidationError
+
+    from lm_saes.runners.generate import GenerateSettings
+
+    if OmegaConf.is_missing(cfg, "output_dir"):
+        raise ConfigError("output_dir: missing; usage: lm-saes generate OUTPUT_DIR [KEY=VALUE ...]")
+    try:
+        data: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    except Exception as e:
+        raise ConfigError(f"{getattr(e, 'full_key', '')}: {str(e).splitlines()[0]}") from None
+    name = _datasets_from_cli(data)
+    try:
+        return GenerateSettings.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, GenerateSettings, dataset_name=name)) from None
+    except UserInputError as e:
+        raise ConfigError(str(e)) from None
+
+
 def format_validation_error(error: Any, root: Any, dataset_name: str | None = None) -> str:
     """pydantic's errors for settings class `root` as `key=value: what is allowed`, joined on one line.
 
@@ -76,6 +125,7 @@ def format_validation_error(error: Any, root: Any, dataset_name: str | None = No
     lines = []
     for err in error.errors():
         loc = [str(p) for p in err["loc"]]
+        loc = [p for i, p in enumerate(loc) if not (i >= 2 and loc[i - 2] == "sources" and p in SOURCE_TAGS)]
         if dataset_name is not None and loc[:2] == ["datasets", dataset_name]:
             loc = ["dataset", *loc[2:]]
         key = ".".join(loc)
@@ -194,6 +244,8 @@ def _load(target: str) -> Any:
 def run_hydra_verb(verb: str, overrides: list[str]) -> int:
     if verb in RUN_DIR_VERBS:
         overrides = positional_run_dir(overrides)
+    elif verb == "generate":
+        overrides = positional_run_dir(overrides, key="output_dir")
     multirun = any(a in ("-m", "--multirun") for a in overrides)
     hydra_flags = any(a.startswith("-") for a in overrides)
     if not multirun and not hydra_flags:
@@ -201,8 +253,10 @@ def run_hydra_verb(verb: str, overrides: list[str]) -> int:
             composed = compose_single_run(overrides, config_name=verb)
             if verb in RUN_DIR_VERBS:
                 run_dir_settings_from_config(verb, composed, check_run_dir=True)
+            elif verb == "generate":
+                generate_settings_from_config(composed)
             else:
-                settings_from_config(composed, run_dir=None)
+                check_train_inputs(settings_from_config(composed, run_dir=None), composed)
         except ConfigError as e:
             print(f"lm-saes {verb}: {e}", file=sys.stderr)
             return 2
@@ -249,14 +303,26 @@ def run_train_job(cfg: DictConfig) -> None:
         print(f"lm-saes train: job {hydra_cfg.job.num} failed: {type(e).__name__}: {e}", file=sys.stderr)
 
 
+def run_generate_job(cfg: DictConfig) -> None:
+    """The body of `lm-saes generate`'s Hydra job: validate, write the cache, report user mistakes as one line."""
+    from lm_saes.runners.generate import generate_activations
+
+    try:
+        generate_activations(generate_settings_from_config(cfg))
+    except (ConfigError, UserInputError) as e:
+        print(f"lm-saes generate: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 # --- verbs on a run directory: evaluate, analyze, dashboard, report -------------------------------------
 
-def positional_run_dir(args: list[str]) -> list[str]:
-    """`RUN_DIR k=v ...` -> `run_dir='RUN_DIR' k=v ...`: the first argument that is neither a flag nor an override."""
+def positional_run_dir(args: list[str], key: str = "run_dir") -> list[str]:
+    """`RUN_DIR k=v ...` -> `run_dir='RUN_DIR' k=v ...` (or `key=`): the first argument that is neither a flag
+    nor an override."""
     for i, arg in enumerate(args):
         if not arg.startswith("-") and "=" not in arg:
             quoted = arg.replace("\\", "\\\\").replace("'", "\\'")
-            return [*args[:i], f"run_dir='{quoted}'", *args[i + 1 :]]
+            return [*args[:i], f"{key}='{quoted}'", *args[i + 1 :]]
     return args
 
 
