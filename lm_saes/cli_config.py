@@ -53,7 +53,7 @@ def settings_from_config(cfg: DictConfig, run_dir: str | None) -> Any:
         raise ConfigError(f"{getattr(e, 'full_key', '')}: {str(e).splitlines()[0]}") from None
     name = _datasets_from_cli(data)
     factory = data.get("activation_factory") or {}
-    if any(isinstance(s, dict) and s.get("type") == "activations" and s.get("path") is None for s in factory.get("sources") or []):
+    if any(isinstance(s, dict) and "path" in s and s["path"] is None for s in factory.get("sources") or []):
         raise ConfigError("activation_cache: missing; activation_factory=cached trains from the activation cache at "
                           "activation_cache=DIR (make one with lm-saes generate DIR)")
     if factory.get("hook_points") is None:
@@ -133,6 +133,8 @@ def format_validation_error(error: Any, root: Any, dataset_name: str | None = No
         if err["type"] == "extra_forbidden":
             allowed = ", ".join(_model_at(root, [str(p) for p in err["loc"][:-1]]).model_fields)
             lines.append(f"{key}={err['input']!r}: unknown key; allowed here: {allowed}")
+        elif err["type"] == "union_tag_invalid":
+            lines.append(f"{key}={err['input']!r}: unknown type {err['ctx']['tag']!r}; allowed: {err['ctx']['expected_tags']}")
         elif err["type"] == "missing":
             lines.append(f"{key}: missing; give a value with {key}=...")
         elif not loc and "=" in msg:  # a UserInputError raised by a model validator already names its key
@@ -144,18 +146,36 @@ def format_validation_error(error: Any, root: Any, dataset_name: str | None = No
 
 def _model_at(root: Any, path: list[str]) -> Any:
     """The pydantic model class found by following field names from `root` (through dict values too)."""
-    from pydantic import BaseModel
+    from typing import get_args
+
+    from pydantic import BaseModel, Tag
 
     def is_model(t: Any) -> bool:
         return isinstance(t, type) and issubclass(t, BaseModel)
 
-    model = root
+    def models_in(t: Any, tag: str | None = None) -> dict[str | None, Any]:
+        """Model classes inside an annotation (through lists, unions, Annotated), by their union tag."""
+        if is_model(t):
+            return {tag: t}
+        tags = [m.tag for m in getattr(t, "__metadata__", ()) if isinstance(m, Tag)]
+        found: dict[str | None, Any] = {}
+        for arg in ((t.__origin__,) if hasattr(t, "__metadata__") else get_args(t)):
+            found.update(models_in(arg, tags[0] if tags else tag))
+        return found
+
+    model, candidates = root, {}
     for part in path:
+        if part in candidates:  # a tagged union's tag (activation_factory.sources.0.activations.path)
+            model, candidates = candidates[part], {}
+            continue
         field = model.model_fields.get(part)
         if field is None:
             continue  # a dict key (e.g. a dataset's name): stay on the dict's value model
-        annotation = field.annotation
-        model = next((a for a in (annotation, *getattr(annotation, "__args__", ())) if is_model(a)), model)
+        found = models_in(field.annotation)
+        if len(found) == 1:
+            model = next(iter(found.values()))
+        elif found:
+            candidates = found
     return model
 
 

@@ -297,6 +297,10 @@ def test_cli_cache_mistakes_are_one_line_before_any_run_directory(tiny_model_dir
         ([], "activation_cache: missing; activation_factory=cached trains from the activation cache at activation_cache=DIR"),
         (["activation_cache=/no/such"], "activation_cache='/no/such': no such directory"),
         ([f"activation_cache={cache}"], f"model.model_name='builtin:smollm2-135m': the activation cache {cache} holds"),
+        (["activation_factory.sources=[{type:activations,pth:x}]"],
+         "activation_factory.sources.0.pth='x': unknown key; allowed here: type, path"),
+        (["activation_factory.sources=[{type:cache}]"],
+         "activation_factory.sources.0={'type': 'cache'}: unknown type 'cache'; allowed: 'dataset', 'activations'"),
     ]:
         assert main(["train", "+sae=relu_8x", "activation_factory=cached", *overrides, f"hydra.run.dir={run_dir}"]) == 2
         err = capsys.readouterr().err
