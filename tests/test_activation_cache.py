@@ -306,6 +306,13 @@ def test_cli_cache_mistakes_are_one_line_before_any_run_directory(tiny_model_dir
         err = capsys.readouterr().err
         assert err.startswith("lm-saes train: ") and expected in err, err
         assert len(err.strip().splitlines()) == 1
+    # A sweep's jobs share the cache: a bad one stops the sweep before any job starts.
+    sweep = tmp_path / "sweep"
+    assert main(["train", "-m", "+sae=relu_8x", "activation_factory=cached", "activation_cache=/no/such",
+                 "sae.expansion_factor=2,4", f"hydra.sweep.dir={sweep}"]) == 2
+    err = capsys.readouterr().err
+    assert "activation_cache='/no/such': no such directory" in err and len(err.strip().splitlines()) == 1, err
+    assert not sweep.exists()
     assert main(["generate", str(cache), f"model.model_name={tiny_model_dir}", "context_size=1"]) == 2
     assert "lm-saes generate: context_size=1: Input should be greater than or equal to 2" in capsys.readouterr().err
     assert main(["generate"]) == 2

@@ -75,6 +75,25 @@ def test_config_mistakes_are_one_line_before_any_run_directory(overrides, expect
     assert not run_dir.exists()
 
 
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["hydra/launcher=slrum"], "hydra/launcher=slrum: unknown preset; available: basic, local, slurm,"),
+        (["hydra/launcher=slurm", "hydra.launcher.partiton=gpu"],
+         "hydra.launcher.partiton=gpu: unknown key; allowed in hydra.launcher: submitit_folder, timeout_min,"),
+        (["sae.expansion_factr=8,16"], "sae.expansion_factr=8: unknown key; allowed in sae:"),
+        (["sae.expansion_factor=8,16", "model=gpt9"], "model=gpt9: unknown preset; available: pythia_160m, smollm2_135m"),
+    ],
+)
+def test_sweep_structure_mistakes_are_one_line_before_anything_is_launched(overrides, expected, tmp_path, capsys) -> None:
+    sweep_dir = tmp_path / "sweep"
+    assert main(["train", "-m", "+sae=relu_8x", *overrides, f"hydra.sweep.dir={sweep_dir}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lm-saes train: ") and expected in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert not sweep_dir.exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("override", "expected"),
