@@ -51,7 +51,7 @@ def settings_from_config(cfg: DictConfig, run_dir: str | None) -> Any:
         data: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     except Exception as e:  # an interpolation to a missing key, say
         raise ConfigError(f"{getattr(e, 'full_key', '')}: {str(e).splitlines()[0]}") from None
-    name = _datasets_from_cli(data)
+    name = datasets_from_cli(data)
     factory = data.get("activation_factory") or {}
     if any(isinstance(s, dict) and "path" in s and s["path"] is None for s in factory.get("sources") or []):
         raise ConfigError("activation_cache: missing; activation_factory=cached trains from the activation cache at "
@@ -71,7 +71,7 @@ def settings_from_config(cfg: DictConfig, run_dir: str | None) -> Any:
         raise ConfigError(str(e)) from None
 
 
-def _datasets_from_cli(data: dict[str, Any]) -> str:
+def datasets_from_cli(data: dict[str, Any]) -> str:
     """In place: drop the CLI-only keys and turn the `dataset` group into `datasets: {name: ...}`; return the name."""
     data.pop("hydra", None)
     dataset = data.pop("dataset")
@@ -80,54 +80,6 @@ def _datasets_from_cli(data: dict[str, Any]) -> str:
     name = dataset.pop("name", None) or "dataset"
     data["datasets"] = {name: dataset}
     return name
-
-
-def check_train_inputs(settings: Any, cfg: DictConfig) -> None:
-    """What the pre-check can see of a train run without a model: its activation caches (ConfigError with one
-    line, naming `activation_cache` when that is what the user typed)."""
-    from lm_saes.runners.train import check_activation_caches
-
-    try:
-        check_activation_caches(settings)
-    except UserInputError as e:
-        cache = cfg.get("activation_cache")
-        if cache is not None and e.key.startswith("activation_factory.sources.") and e.value == cache:
-            raise ConfigError(str(UserInputError("activation_cache", e.value, e.allowed))) from None
-        raise ConfigError(str(e)) from None
-
-
-def _check_shared_cache(cfg: DictConfig) -> None:
-    """A sweep's jobs share its activation_cache: a bad one fails before any job starts (ConfigError)."""
-    cache = cfg.get("activation_cache")
-    if cache is None:
-        return
-    from lm_saes.activation.cache import read_manifest
-
-    try:
-        read_manifest(cache, "activation_cache")
-    except UserInputError as e:
-        raise ConfigError(str(e)) from None
-
-
-def generate_settings_from_config(cfg: DictConfig) -> Any:
-    """Validate a composed `generate` config into GenerateSettings. Raises ConfigError with one line."""
-    from pydantic import ValidationError
-
-    from lm_saes.runners.generate import GenerateSettings
-
-    if OmegaConf.is_missing(cfg, "output_dir"):
-        raise ConfigError("output_dir: missing; usage: lm-saes generate OUTPUT_DIR [KEY=VALUE ...]")
-    try:
-        data: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
-    except Exception as e:
-        raise ConfigError(f"{getattr(e, 'full_key', '')}: {str(e).splitlines()[0]}") from None
-    name = _datasets_from_cli(data)
-    try:
-        return GenerateSettings.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e, GenerateSettings, dataset_name=name)) from None
-    except UserInputError as e:
-        raise ConfigError(str(e)) from None
 
 
 def format_validation_error(error: Any, root: Any, dataset_name: str | None = None) -> str:
@@ -305,18 +257,20 @@ def run_hydra_verb(verb: str, overrides: list[str]) -> int:
     multirun = any(a in ("-m", "--multirun") for a in overrides)
     other_flags = any(a.startswith("-") and a not in ("-m", "--multirun") for a in overrides)
     if not other_flags:
+        from lm_saes import cli_cache
+
         try:
-            if multirun:  # structure only: a job whose values are wrong records `failed`, the others go on
+            if multirun:  # structure (and the shared cache) only: a job whose values are wrong records `failed`
                 composed = compose_single_run([a for a in overrides if not a.startswith("-")], config_name=verb, sweep=True)
-                _check_shared_cache(composed)
+                cli_cache.check_shared_cache(composed)
             else:
                 composed = compose_single_run(overrides, config_name=verb)
                 if verb in RUN_DIR_VERBS:
                     run_dir_settings_from_config(verb, composed, check_run_dir=True)
                 elif verb == "generate":
-                    generate_settings_from_config(composed)
+                    cli_cache.generate_settings_from_config(composed)
                 else:
-                    check_train_inputs(settings_from_config(composed, run_dir=None), composed)
+                    cli_cache.check_train_inputs(settings_from_config(composed, run_dir=None), composed)
         except ConfigError as e:
             print(f"lm-saes {verb}: {e}", file=sys.stderr)
             return 2
@@ -362,17 +316,6 @@ def run_train_job(cfg: DictConfig) -> None:
             raise  # a bug, not a user's mistake: the traceback is wanted
         # train_sae already wrote status.json "failed" with the traceback; one job must not end the sweep.
         print(f"lm-saes train: job {hydra_cfg.job.num} failed: {type(e).__name__}: {e}", file=sys.stderr)
-
-
-def run_generate_job(cfg: DictConfig) -> None:
-    """The body of `lm-saes generate`'s Hydra job: validate, write the cache, report user mistakes as one line."""
-    from lm_saes.runners.generate import generate_activations
-
-    try:
-        generate_activations(generate_settings_from_config(cfg))
-    except (ConfigError, UserInputError) as e:
-        print(f"lm-saes generate: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 def _hand_on_signal(signal_name: str) -> None:

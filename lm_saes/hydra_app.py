@@ -15,7 +15,7 @@ def train(cfg: DictConfig) -> None:
 
 @hydra.main(config_path="pkg://lm_saes.conf", config_name="generate", version_base="1.3")
 def generate(cfg: DictConfig) -> None:
-    from lm_saes.cli_config import run_generate_job
+    from lm_saes.cli_cache import run_generate_job
 
     run_generate_job(cfg)
 
