@@ -18,6 +18,7 @@ _PUBLIC = {
     "DashboardSettings": "lm_saes.runners.dashboard",
     "dashboard_run": "lm_saes.runners.dashboard",
     "ActivationFactory": "lm_saes.activation",
+    "ActivationFactoryActivationsSource": "lm_saes.activation",
     "ActivationFactoryConfig": "lm_saes.activation",
     "ActivationFactoryDatasetSource": "lm_saes.activation",
     "ActivationFactoryTarget": "lm_saes.activation",
@@ -27,6 +28,8 @@ _PUBLIC = {
     "Evaluator": "lm_saes.evaluator",
     "EvaluatorConfig": "lm_saes.evaluator",
     "EvaluateSettings": "lm_saes.runners.evaluate",
+    "GenerateSettings": "lm_saes.runners.generate",
+    "generate_activations": "lm_saes.runners.generate",
     "evaluate_run": "lm_saes.runners.evaluate",
     "load_dataset": "lm_saes.datasets",
     "Initializer": "lm_saes.initializer",
@@ -46,6 +49,7 @@ __all__ = sorted(_PUBLIC)
 if TYPE_CHECKING:
     from lm_saes.activation import (
         ActivationFactory,
+        ActivationFactoryActivationsSource,
         ActivationFactoryConfig,
         ActivationFactoryDatasetSource,
         ActivationFactoryTarget,
@@ -59,6 +63,7 @@ if TYPE_CHECKING:
     from lm_saes.runners.analyze import AnalyzeSettings, analyze_run
     from lm_saes.runners.dashboard import DashboardSettings, dashboard_run
     from lm_saes.runners.evaluate import EvaluateSettings, evaluate_run
+    from lm_saes.runners.generate import GenerateSettings, generate_activations
     from lm_saes.runners.train import TrainSAESettings, WandbConfig, train_sae
     from lm_saes.sae import SAEConfig, SparseAutoEncoder
     from lm_saes.trainer import Trainer, TrainerConfig

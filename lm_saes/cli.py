@@ -15,6 +15,9 @@ verbs:
             sweep with -m: lm-saes train -m +sae=relu_8x sae.expansion_factor=8,16 trainer.lr=1e-4,3e-4
             on SLURM:      lm-saes train -m hydra/launcher=slurm hydra.launcher.partition=gpu +sae=relu_8x ...
             on N GPUs:     torchrun --standalone --nproc_per_node=N --no-python lm-saes train +sae=relu_8x device=cuda
+  generate  run the model once and store its activations (an activation cache) for many training runs:
+            lm-saes generate OUTPUT_DIR [hook_points=[blocks.6.hook_resid_post] total_tokens=1000000 ...]
+            then: lm-saes train -m +sae=relu_8x activation_factory=cached activation_cache=OUTPUT_DIR ...
   evaluate  splice a trained SAE into its model on held-out text; write RUN_DIR/eval.json, print a table:
             lm-saes evaluate RUN_DIR [evaluator.n_contexts=64 evaluator.ablation=mean ...]
   analyze   what each latent responds to, on held-out text; write RUN_DIR/analysis/:
@@ -29,7 +32,7 @@ Presets: model=smollm2_135m (default, offline) | pythia_160m; dataset=builtin (d
 slimpajama_3b; +sae=relu_8x | topk_8x | batchtopk_8x | jumprelu_8x | transcoder_relu_8x | transcoder_topk_8x.
 """
 
-VERBS = ("train", "evaluate", "analyze", "dashboard", "report")
+VERBS = ("train", "generate", "evaluate", "analyze", "dashboard", "report")
 
 
 def main(argv: list[str] | None = None) -> int:

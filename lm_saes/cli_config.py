@@ -19,8 +19,13 @@ from lm_saes.errors import RunDirectoryError, UserInputError
 
 CONFIG_MODULE = "lm_saes.conf"
 GROUPS = ("model", "dataset", "activation_factory", "initializer", "sae", "trainer")
-CLI_ONLY_KEYS = ("device", "dataset")
-"""Keys of the composed config that the settings do not have (`dataset` becomes `datasets`)."""
+CLI_ONLY_KEYS = ("device", "dataset", "activation_cache")
+"""Keys of the composed config that the settings do not have (`dataset` becomes `datasets`; activation_factory=cached
+reads `activation_cache`)."""
+
+
+SOURCE_TAGS = ("dataset", "activations")
+"""The tags of activation_factory.sources' union: pydantic puts them in error locations; the user never typed them."""
 
 
 class ConfigError(Exception):
@@ -46,13 +51,11 @@ def settings_from_config(cfg: DictConfig, run_dir: str | None) -> Any:
         data: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     except Exception as e:  # an interpolation to a missing key, say
         raise ConfigError(f"{getattr(e, 'full_key', '')}: {str(e).splitlines()[0]}") from None
-    data.pop("hydra", None)
-    dataset = data.pop("dataset")
-    for key in CLI_ONLY_KEYS:
-        data.pop(key, None)
-    name = dataset.pop("name", None) or "dataset"
-    data["datasets"] = {name: dataset}
+    name = datasets_from_cli(data)
     factory = data.get("activation_factory") or {}
+    if any(isinstance(s, dict) and "path" in s and s["path"] is None for s in factory.get("sources") or []):
+        raise ConfigError("activation_cache: missing; activation_factory=cached trains from the activation cache at "
+                          "activation_cache=DIR (make one with lm-saes generate DIR)")
     if factory.get("hook_points") is None:
         sae = data["sae"]
         hooks = [sae.get("hook_point_in"), sae.get("hook_point_out") or sae.get("hook_point_in")]
@@ -68,6 +71,17 @@ def settings_from_config(cfg: DictConfig, run_dir: str | None) -> Any:
         raise ConfigError(str(e)) from None
 
 
+def datasets_from_cli(data: dict[str, Any]) -> str:
+    """In place: drop the CLI-only keys and turn the `dataset` group into `datasets: {name: ...}`; return the name."""
+    data.pop("hydra", None)
+    dataset = data.pop("dataset")
+    for key in CLI_ONLY_KEYS:
+        data.pop(key, None)
+    name = dataset.pop("name", None) or "dataset"
+    data["datasets"] = {name: dataset}
+    return name
+
+
 def format_validation_error(error: Any, root: Any, dataset_name: str | None = None) -> str:
     """pydantic's errors for settings class `root` as `key=value: what is allowed`, joined on one line.
 
@@ -76,6 +90,7 @@ def format_validation_error(error: Any, root: Any, dataset_name: str | None = No
     lines = []
     for err in error.errors():
         loc = [str(p) for p in err["loc"]]
+        loc = [p for i, p in enumerate(loc) if not (i >= 2 and loc[i - 2] == "sources" and p in SOURCE_TAGS)]
         if dataset_name is not None and loc[:2] == ["datasets", dataset_name]:
             loc = ["dataset", *loc[2:]]
         key = ".".join(loc)
@@ -83,6 +98,8 @@ def format_validation_error(error: Any, root: Any, dataset_name: str | None = No
         if err["type"] == "extra_forbidden":
             allowed = ", ".join(_model_at(root, [str(p) for p in err["loc"][:-1]]).model_fields)
             lines.append(f"{key}={err['input']!r}: unknown key; allowed here: {allowed}")
+        elif err["type"] == "union_tag_invalid":
+            lines.append(f"{key}={err['input']!r}: unknown type {err['ctx']['tag']!r}; allowed: {err['ctx']['expected_tags']}")
         elif err["type"] == "missing":
             lines.append(f"{key}: missing; give a value with {key}=...")
         elif not loc and "=" in msg:  # a UserInputError raised by a model validator already names its key
@@ -94,18 +111,36 @@ def format_validation_error(error: Any, root: Any, dataset_name: str | None = No
 
 def _model_at(root: Any, path: list[str]) -> Any:
     """The pydantic model class found by following field names from `root` (through dict values too)."""
-    from pydantic import BaseModel
+    from typing import get_args
+
+    from pydantic import BaseModel, Tag
 
     def is_model(t: Any) -> bool:
         return isinstance(t, type) and issubclass(t, BaseModel)
 
-    model = root
+    def models_in(t: Any, tag: str | None = None) -> dict[str | None, Any]:
+        """Model classes inside an annotation (through lists, unions, Annotated), by their union tag."""
+        if is_model(t):
+            return {tag: t}
+        tags = [m.tag for m in getattr(t, "__metadata__", ()) if isinstance(m, Tag)]
+        found: dict[str | None, Any] = {}
+        for arg in ((t.__origin__,) if hasattr(t, "__metadata__") else get_args(t)):
+            found.update(models_in(arg, tags[0] if tags else tag))
+        return found
+
+    model, candidates = root, {}
     for part in path:
+        if part in candidates:  # a tagged union's tag (activation_factory.sources.0.activations.path)
+            model, candidates = candidates[part], {}
+            continue
         field = model.model_fields.get(part)
         if field is None:
             continue  # a dict key (e.g. a dataset's name): stay on the dict's value model
-        annotation = field.annotation
-        model = next((a for a in (annotation, *getattr(annotation, "__args__", ())) if is_model(a)), model)
+        found = models_in(field.annotation)
+        if len(found) == 1:
+            model = next(iter(found.values()))
+        elif found:
+            candidates = found
     return model
 
 
@@ -222,6 +257,8 @@ others its name (their clocks may name another)."""
 def run_hydra_verb(verb: str, overrides: list[str]) -> int:
     if verb in RUN_DIR_VERBS:
         overrides = positional_run_dir(overrides)
+    elif verb == "generate":
+        overrides = positional_run_dir(overrides, key="output_dir")
     multirun = any(a in ("-m", "--multirun") for a in overrides)
     other_flags = any(a.startswith("-") and a not in ("-m", "--multirun") for a in overrides)
     rank_overrides: list[str] = []  # added after the pre-check: they are Hydra's, not the user's
@@ -235,15 +272,20 @@ def run_hydra_verb(verb: str, overrides: list[str]) -> int:
             return 2
         rank_overrides = NON_MAIN_RANK_OVERRIDES if launch.rank > 0 else []
     if not other_flags:
+        from lm_saes import cli_cache
+
         try:
-            if multirun:  # structure only: a job whose values are wrong records `failed`, the others go on
-                compose_single_run([a for a in overrides if not a.startswith("-")], config_name=verb, sweep=True)
+            if multirun:  # structure (and the shared cache) only: a job whose values are wrong records `failed`
+                composed = compose_single_run([a for a in overrides if not a.startswith("-")], config_name=verb, sweep=True)
+                cli_cache.check_shared_cache(composed)
             else:
                 composed = compose_single_run(overrides, config_name=verb)
                 if verb in RUN_DIR_VERBS:
                     run_dir_settings_from_config(verb, composed, check_run_dir=True)
+                elif verb == "generate":
+                    cli_cache.generate_settings_from_config(composed)
                 else:
-                    settings_from_config(composed, run_dir=None)
+                    cli_cache.check_train_inputs(settings_from_config(composed, run_dir=None), composed)
         except ConfigError as e:
             print(f"lm-saes {verb}: {e}", file=sys.stderr)
             return 2
@@ -309,12 +351,13 @@ def _hand_on_signal(signal_name: str | None) -> None:
 
 # --- verbs on a run directory: evaluate, analyze, dashboard, report -------------------------------------
 
-def positional_run_dir(args: list[str]) -> list[str]:
-    """`RUN_DIR k=v ...` -> `run_dir='RUN_DIR' k=v ...`: the first argument that is neither a flag nor an override."""
+def positional_run_dir(args: list[str], key: str = "run_dir") -> list[str]:
+    """`RUN_DIR k=v ...` -> `run_dir='RUN_DIR' k=v ...` (or `key=`): the first argument that is neither a flag
+    nor an override."""
     for i, arg in enumerate(args):
         if not arg.startswith("-") and "=" not in arg:
             quoted = arg.replace("\\", "\\\\").replace("'", "\\'")
-            return [*args[:i], f"run_dir='{quoted}'", *args[i + 1 :]]
+            return [*args[:i], f"{key}='{quoted}'", *args[i + 1 :]]
     return args
 
 

@@ -23,6 +23,7 @@ from pydantic import Field
 from lm_saes import metrics
 from lm_saes.activation.packing import pack_documents
 from lm_saes.config_base import BaseConfig
+from lm_saes.datasets import DatasetConfig, load_dataset
 from lm_saes.errors import UserInputError
 from lm_saes.language_model import TransformerLensLanguageModel
 from lm_saes.sae import SparseAutoEncoder
@@ -217,20 +218,51 @@ TRAINING_EVAL_CONTEXTS = 4
 """Held-out contexts for the evaluation during training: one forward batch, a few seconds on a CPU."""
 
 
+@dataclass
+class HeldOutPlan:
+    """Where a run's held-out text is: `dataset`, past its first `skip_tokens` text tokens."""
+
+    dataset: DatasetConfig
+    skip_tokens: int
+    context_size: int
+    source_name: str | None
+    """The run's dataset key, when the text is the run's own first dataset (not a cache's)."""
+
+
+def held_out_plan(settings: TrainSAESettings, n_training_tokens: int | None = None, world_size: int = 1) -> HeldOutPlan:
+    """The text a run (of `world_size` data-parallel ranks) never trained on: its first source's dataset past
+    everything training could have read.
+    For an activation cache, that is the dataset the cache was made from, past everything the cache holds of it
+    (in the cache's context size)."""
+    from lm_saes.activation.cache import read_manifest
+    from lm_saes.activation.factory import ActivationFactoryActivationsSource
+
+    factory = settings.activation_factory
+    source = factory.sources[0]
+    if isinstance(source, ActivationFactoryActivationsSource):
+        manifest = read_manifest(source.path, "activation_factory.sources.0.path")
+        first = manifest.sources[0]
+        return HeldOutPlan(DatasetConfig.model_validate(first.dataset), first.rows, manifest.context_size, None)
+    return HeldOutPlan(settings.datasets[source.name], tokens_read_by_training(settings, n_training_tokens, world_size),
+                       factory.context_size, source.name)
+
+
 def training_evaluation(
     settings: TrainSAESettings, model: TransformerLensLanguageModel, datasets: Mapping[str, Any], world_size: int = 1,
 ) -> Callable[[SparseAutoEncoder], dict[str, float | None]]:
     """The `evaluate` callable for `Trainer.fit`: downstream scores on a fixed batch of contexts that lie past
-    everything the run (of `world_size` data-parallel ranks) will read from its first dataset (so never trained on)."""
-    factory = settings.activation_factory
-    skip = tokens_read_by_training(settings, world_size=world_size)
-    texts = (row["text"] for row in datasets[factory.sources[0].name])
-    contexts = held_out_contexts(texts, model, factory.context_size, skip, TRAINING_EVAL_CONTEXTS)
+    everything the run (of `world_size` data-parallel ranks) will read from its first source (so never trained on)."""
+    plan = held_out_plan(settings, world_size=world_size)
+    if plan.source_name is not None:
+        texts = (row["text"] for row in datasets[plan.source_name])
+    else:
+        texts = (row["text"] for row in load_dataset(plan.dataset, "the activation cache's dataset"))
+    contexts = held_out_contexts(texts, model, plan.context_size, plan.skip_tokens, TRAINING_EVAL_CONTEXTS)
     if not contexts:
         raise UserInputError(
             "trainer.eval_frequency", settings.trainer.eval_frequency,
-            f"needs held-out text, but the corpus ends within the {skip:,} tokens training reads; use a larger "
-            "corpus, a smaller trainer.total_training_tokens, or trainer.eval_frequency=0",
+            f"needs held-out text, but the corpus ends within the {plan.skip_tokens:,} tokens training reads; use a "
+            "larger corpus, a smaller trainer.total_training_tokens, or trainer.eval_frequency=0",
         )
     evaluator = Evaluator(EvaluatorConfig(n_contexts=len(contexts)))
     return lambda sae: evaluator.evaluate(sae, model, contexts).downstream()

@@ -13,6 +13,13 @@ def train(cfg: DictConfig) -> None:
     run_train_job(cfg)
 
 
+@hydra.main(config_path="pkg://lm_saes.conf", config_name="generate", version_base="1.3")
+def generate(cfg: DictConfig) -> None:
+    from lm_saes.cli_cache import run_generate_job
+
+    run_generate_job(cfg)
+
+
 @hydra.main(config_path="pkg://lm_saes.conf", config_name="evaluate", version_base="1.3")
 def evaluate(cfg: DictConfig) -> None:
     from lm_saes.cli_config import run_dir_job
@@ -41,4 +48,5 @@ def report(cfg: DictConfig) -> None:
     run_dir_job("report", cfg)
 
 
-APPS = {"train": train, "evaluate": evaluate, "analyze": analyze, "dashboard": dashboard, "report": report}
+APPS = {"train": train, "generate": generate, "evaluate": evaluate, "analyze": analyze, "dashboard": dashboard,
+        "report": report}

@@ -11,12 +11,14 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 
 
 class TokenProgress:
-    """Tracks tokens done against a budget; `log` prints a metrics line (always) and moves the bar (on a tty).
+    """Tracks tokens done against a budget (None: open-ended); `log` prints a metrics line (always) and moves the
+    bar (on a tty).
 
     Not `enabled` (a data-parallel rank other than 0), it counts tokens and shows nothing.
     """
 
-    def __init__(self, total_tokens: int, description: str, console: Console | None = None, enabled: bool = True) -> None:
+    def __init__(self, total_tokens: int | None, description: str, console: Console | None = None,
+                 enabled: bool = True) -> None:
         self.console = console or Console(file=sys.stderr, log_path=False, quiet=not enabled)
         self.enabled = enabled
         self.total_tokens = total_tokens
@@ -24,11 +26,12 @@ class TokenProgress:
         self.tokens = 0
         self._bar: Progress | None = None
         if enabled and self.console.is_terminal:
+            counts = [TaskProgressColumn(), TextColumn("{task.completed:,.0f}/{task.total:,.0f} tok")] \
+                if total_tokens is not None else [TextColumn("{task.completed:,.0f} tok")]
+            eta = [TextColumn("ETA"), TimeRemainingColumn()] if total_tokens is not None else []
             self._bar = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
-                TextColumn("{task.completed:,.0f}/{task.total:,.0f} tok"), TextColumn("{task.fields[rate]}"),
-                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                console=self.console, transient=False,
+                TextColumn("[bold]{task.description}"), BarColumn(), *counts, TextColumn("{task.fields[rate]}"),
+                TimeElapsedColumn(), *eta, TextColumn("{task.fields[info]}"), console=self.console, transient=False,
             )
             self._task = self._bar.add_task(description, total=total_tokens, rate="", info="")
             self._bar.start()
@@ -51,6 +54,9 @@ class TokenProgress:
             if sys.stdout.isatty():
                 self._bar.console.log(text)
         if not sys.stdout.isatty():  # a log file or a pipe gets plain, greppable lines
+            if self.total_tokens is None:
+                print(f"[{self.tokens:,} tok, {self.tokens_per_second:,.0f} tok/s] {text}", flush=True)
+                return
             eta = (self.total_tokens - self.tokens) / max(self.tokens_per_second, 1e-9)
             print(f"[{self.tokens:,}/{self.total_tokens:,} tok, {self.tokens_per_second:,.0f} tok/s, ETA {eta:,.0f}s] {text}",
                   flush=True)

@@ -1,8 +1,10 @@
 """Training throughput on this machine: activation generation and the SAE step, against a matmul peak.
 
     .venv/bin/python scripts/bench_train.py [--device cpu|cuda] [--gen-tokens 16384] [--steps 5]
+    .venv/bin/python scripts/bench_train.py --only cache [--cache-tokens 50000]
 
-Prints one table. Quote the ratios (fraction of peak, generation vs SAE step) together with the machine line;
+Prints one table; `--only cache` prints only training tokens/s from an activation cache against on the fly
+(`lm-saes train` defaults, relu 8x at blocks.6, the same tokens in the same order). Quote the ratios (fraction of peak, generation vs SAE step) together with the machine line;
 absolute numbers only compare within one run on one machine.
 """
 
@@ -11,7 +13,9 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -19,14 +23,18 @@ from rich.table import Table
 
 from lm_saes import (
     ActivationFactory,
+    ActivationFactoryActivationsSource,
     ActivationFactoryConfig,
     ActivationFactoryDatasetSource,
     DatasetConfig,
+    GenerateSettings,
     LanguageModelConfig,
     SAEConfig,
     SparseAutoEncoder,
     TransformerLensLanguageModel,
+    generate_activations,
     load_dataset,
+    train_sae,
 )
 
 
@@ -96,6 +104,52 @@ def activation_generation(device: str, n_tokens: int, hook: str) -> float:
     return seen / (time.perf_counter() - start)
 
 
+def cache_vs_on_the_fly(device: str, n_tokens: int) -> tuple[float, float, float]:
+    """(generate, train from the cache, train on the fly) tokens/s: `lm-saes train +sae=relu_8x` settings on the
+    embedded SmolLM2 and built-in corpus, differing only in the source. Training tokens/s is the trainer's own
+    (after the initializer), so on the fly it includes the model's forward passes and from the cache the reads."""
+    from lm_saes.cli_config import compose_single_run, settings_from_config
+    from lm_saes.evaluator import tokens_read_by_training
+
+    with tempfile.TemporaryDirectory() as tmp:
+        overrides = ["+sae=relu_8x", f"trainer.total_training_tokens={n_tokens}", f"device={device}"]
+        fly = settings_from_config(compose_single_run(overrides), run_dir=str(Path(tmp) / "fly"))
+        # The cache holds every token the on-the-fly run reads (budget, initializer, buffer), in the same order.
+        gen = GenerateSettings(
+            output_dir=str(Path(tmp) / "acts"), model=fly.model, datasets=fly.datasets,
+            hook_points=fly.activation_factory.hook_points, context_size=fly.activation_factory.context_size,
+            model_batch_size=fly.activation_factory.model_batch_size, total_tokens=tokens_read_by_training(fly),
+        )
+        start = time.perf_counter()
+        manifest = generate_activations(gen)
+        gen_tps = manifest.n_rows / (time.perf_counter() - start)
+        cached = fly.model_copy(deep=True)
+        cached.activation_factory.sources = [ActivationFactoryActivationsSource(path=gen.output_dir)]
+        cached.trainer.exp_result_path = str(Path(tmp) / "cached")
+        from_cache = _training_tokens_per_second(cached)
+        on_the_fly = _training_tokens_per_second(fly)
+    return gen_tps, from_cache, on_the_fly
+
+
+def _training_tokens_per_second(settings) -> float:  # noqa: ANN001
+    import json
+
+    train_sae(settings)
+    return json.loads((Path(settings.trainer.exp_result_path) / "metrics.json").read_text())["tokens_per_second"]
+
+
+def print_cache_table(device: str, n_tokens: int) -> None:
+    gen_tps, from_cache, on_the_fly = cache_vs_on_the_fly(device, n_tokens)
+    table = Table(title=f"lm_saes training from an activation cache vs on the fly, {n_tokens:,} tokens, on {machine(device)}")
+    for col in ("stage", "tokens/s"):
+        table.add_column(col, justify="right" if col != "stage" else "left")
+    table.add_row("generate the cache: SmolLM2-135M to blocks.6, ctx 256 (with model load)", f"{gen_tps:,.0f}")
+    table.add_row("train relu 8x, batch 1024, buffer 8192: on the fly", f"{on_the_fly:,.0f}")
+    table.add_row("train relu 8x, batch 1024, buffer 8192: from the cache", f"{from_cache:,.0f} "
+                  f"({from_cache / on_the_fly:.1f}x on the fly)")
+    Console(width=140).print(table)
+
+
 def machine(device: str) -> str:
     if device.startswith("cuda"):
         return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
@@ -114,8 +168,14 @@ def main() -> None:
     parser.add_argument("--gen-tokens", type=int, default=16384, help="tokens of activation generation to time")
     parser.add_argument("--steps", type=int, default=5, help="timed repeats of the SAE step and the matmul")
     parser.add_argument("--matmul-n", type=int, default=4096, help="size of the square matmul that sets the peak")
+    parser.add_argument("--only", choices=("all", "cache"), default="all",
+                        help="cache: only training from an activation cache vs on the fly")
+    parser.add_argument("--cache-tokens", type=int, default=50_000, help="training tokens for the cache comparison")
     args = parser.parse_args()
     device = args.device
+    if args.only == "cache":
+        print_cache_table(device, args.cache_tokens)
+        return
 
     peak = matmul_peak(device, args.matmul_n, args.steps)
     sae_tps, sae_flops = sae_step(device, 576, 8, 4096, args.steps)
@@ -143,6 +203,7 @@ def main() -> None:
     console = Console(width=140)  # keep the table on one line per row in logs and pipes
     console.print(table)
     console.print(f"SAE step / generation throughput ratio: {sae_tps / gen_tps:.1f}x")
+    print_cache_table(device, args.cache_tokens)
 
 
 if __name__ == "__main__":

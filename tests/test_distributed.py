@@ -33,12 +33,15 @@ from lm_saes import (
     train_sae,
 )
 from lm_saes import distributed
+from lm_saes.activation.cache import iter_cache_chunks, read_manifest
 from lm_saes.checkpoint import CheckpointError, latest_checkpoint_path, load_checkpoint
 from lm_saes.distributed import SINGLE, Launch, launch_from_env
 from lm_saes.errors import UserInputError
+from lm_saes.runners.generate import generate_activations
 from lm_saes.trainer import Preempted, TrainingDiverged
+from tests.test_activation_cache import _cache_settings, _generate_settings
 from tests.test_cli import tiny_overrides
-from tests.test_train_api import _factory_cfg, _settings
+from tests.test_train_api import HOOK, _factory_cfg, _settings
 from tests.test_trainer import planted_stream
 
 BIN = Path(sys.executable).parent
@@ -135,6 +138,38 @@ def test_a_rank_resumes_its_own_share_and_shuffles_with_its_own_seed(tiny_model,
     assert len(head) + len(tail) == len(whole)
     assert all(torch.equal(a, b) for a, b in zip(head + tail, whole))
     assert stream.batcher.generator.initial_seed() == 42 + 1
+
+
+@pytest.fixture(scope="module")
+def cache(tiny_model_dir, corpus_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cache") / "acts"  # ~22K rows in shards of 3,000: slices cross shard ends
+    generate_activations(_generate_settings(tiny_model_dir, corpus_file, out))
+    return out
+
+
+def _cache_stream(cache: Path, rank: int, world: int, state=None):
+    factory_cfg = _cache_settings(Path("unused"), Path("unused"), cache, Path("unused")).activation_factory
+    factory_cfg.buffer_size = None  # FIFO: each rank's rows in the order it read them
+    return ActivationFactory(factory_cfg).process(model=None, model_name="t", state=state, rank=rank, world_size=world)
+
+
+def test_ranks_read_disjoint_cache_slices_that_together_are_all_of_them(cache) -> None:
+    manifest = read_manifest(cache, "cache")
+    slices = list(iter_cache_chunks(cache, manifest, ["tokens"], start_row=0, chunk_rows=256))
+    assert len(slices) > 20 and len({first // 256 % 2 for first, _ in slices}) == 2
+    for rank in range(2):
+        batches = list(_cache_stream(cache, rank, 2))
+        assert {len(b["tokens"]) for b in batches[:-1]} == {128}  # half the global batch
+        mine = [rows["tokens"] for first, rows in slices if first // 256 % 2 == rank]
+        assert torch.equal(torch.cat([b["tokens"] for b in batches]), torch.cat(mine))
+    assert sum(len(rows["tokens"]) for _, rows in slices) == manifest.n_rows  # the two shares are every row
+    # A rank resumes its own share mid-way.
+    whole = [b["tokens"] for b in _cache_stream(cache, 1, 2)]
+    stream = _cache_stream(cache, 1, 2)
+    head = [next(stream)["tokens"] for _ in range(9)]
+    tail = [b["tokens"] for b in _cache_stream(cache, 1, 2, state=stream.state_dict())]
+    assert len(head) + len(tail) == len(whole)
+    assert all(torch.equal(a, b) for a, b in zip(head + tail, whole))
 
 
 def test_a_batch_that_does_not_split_evenly_among_ranks_is_refused(tiny_model, corpus_file) -> None:
@@ -308,6 +343,17 @@ def test_torchrun_lm_saes_train_makes_one_run_directory(tiny_model_dir, corpus_f
     assert "lm-saes train: rank 0 stopped: RunDirectoryError:" in again.stderr, again.stderr
     assert "already holds a finished run" in again.stderr
     assert json.loads((run / "status.json").read_text())["status"] == "ok"  # untouched
+
+
+@pytest.mark.slow
+def test_torchrun_trains_from_an_activation_cache(tiny_model_dir, corpus_file, cache, tmp_path) -> None:
+    overrides = [o for o in tiny_overrides(tiny_model_dir, corpus_file, tmp_path / "run")
+                 if not o.startswith(("dataset.", "sae.hook_point_in"))]
+    result = _torchrun("--no-python", str(BIN / "lm-saes"), "train", "+sae=relu_8x", *overrides,
+                       f"sae.hook_point_in={HOOK}", "activation_factory=cached", f"activation_cache={cache}")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["n_training_tokens"] == 2560 and metrics["world_size"] == 2
 
 
 DRIVER = Path(__file__).with_name("kill_driver.py")

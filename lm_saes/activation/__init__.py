@@ -1,8 +1,9 @@
-"""Activation stage: turn documents into shuffled batches of hook-point activations."""
+"""Activation stage: turn documents (or an activation cache) into shuffled batches of hook-point activations."""
 
 from lm_saes.activation.factory import (
     ActivationBatch,
     ActivationFactory,
+    ActivationFactoryActivationsSource,
     ActivationFactoryConfig,
     ActivationFactoryDatasetSource,
     ActivationFactoryTarget,
@@ -13,6 +14,7 @@ from lm_saes.activation.factory import (
 __all__ = [
     "ActivationBatch",
     "ActivationFactory",
+    "ActivationFactoryActivationsSource",
     "ActivationFactoryConfig",
     "ActivationFactoryDatasetSource",
     "ActivationFactoryTarget",

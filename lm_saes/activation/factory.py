@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from enum import Enum
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
-from lm_saes.activation.buffer import FifoBatcher, ShuffleBuffer
+from lm_saes.activation.buffer import FifoBatcher, Rows, ShuffleBuffer
+from lm_saes.activation.cache import CacheManifest, iter_cache_chunks, read_manifest
 from lm_saes.activation.packing import pack_documents
 from lm_saes.config_base import BaseConfig, Device
 from lm_saes.errors import UserInputError
@@ -25,9 +27,36 @@ class ActivationFactoryTarget(str, Enum):
 
 
 class ActivationFactoryDatasetSource(BaseConfig):
+    """Documents, run through the model as the stream goes."""
+
+    type: Literal["dataset"] = Field("dataset", exclude=True)
+    """The source's kind; may be left out (a source without `type` is a dataset). Not saved."""
     name: str
     """The key of the dataset in `datasets=` (or in the settings' `datasets`); its documents are read from
     the `text` column (`load_dataset` renames `DatasetConfig.text_column` to it)."""
+
+
+class ActivationFactoryActivationsSource(BaseConfig):
+    """An activation cache written by `lm-saes generate` (`generate_activations`): no model runs."""
+
+    type: Literal["activations"] = "activations"
+    """Marks the source as a cache (`{type: activations, path: DIR}`)."""
+    path: str
+    """The cache directory (holding manifest.json and shards/)."""
+
+
+def _source_kind(value: Any) -> str:
+    if isinstance(value, BaseConfig):
+        return "activations" if isinstance(value, ActivationFactoryActivationsSource) else "dataset"
+    return value.get("type", "dataset") if isinstance(value, dict) else "dataset"
+
+
+ActivationFactorySource = Annotated[
+    Annotated[ActivationFactoryDatasetSource, Tag("dataset")]
+    | Annotated[ActivationFactoryActivationsSource, Tag("activations")],
+    Discriminator(_source_kind),
+]
+"""A dataset (`{name: ...}`) or an activation cache (`{type: activations, path: ...}`), told apart by `type`."""
 
 
 class BufferShuffleConfig(BaseConfig):
@@ -37,7 +66,9 @@ class BufferShuffleConfig(BaseConfig):
 
 
 class ActivationFactoryConfig(BaseConfig):
-    sources: list[ActivationFactoryDatasetSource] = Field(min_length=1)
+    sources: list[ActivationFactorySource] = Field(min_length=1)
+    """Read in order, into one stream: datasets (`{name: ...}`) and activation caches (`{type: activations,
+    path: DIR}`)."""
     target: ActivationFactoryTarget = ActivationFactoryTarget.ACTIVATIONS_1D
     hook_points: list[str] = Field(min_length=1)
     batch_size: int = Field(4096, gt=0)
@@ -72,48 +103,68 @@ class ActivationFactory:
     def process(
         self,
         *,
-        model: TransformerLensLanguageModel,
+        model: TransformerLensLanguageModel | None,
         model_name: str,
-        datasets: Mapping[str, Any],
+        datasets: Mapping[str, Any] | None = None,
         state: dict[str, torch.Tensor] | None = None,
         rank: int = 0,
         world_size: int = 1,
     ) -> "ActivationStream":
         """Stream batches of activations. `model_name` labels the stream; it is not loaded.
 
-        `state` is a stream's `state_dict()`: the stream then continues exactly where that one was.
-        With `world_size` > 1 (data-parallel training) this is rank `rank`'s share of the stream: see
-        `ActivationStream`.
+        `model` may be None when every source is an activation cache. `state` is a stream's `state_dict()`:
+        the stream then continues exactly where that one was. With `world_size` > 1 (data-parallel training)
+        this is rank `rank`'s share of the stream: see `ActivationStream`.
         """
-        missing = [s.name for s in self.cfg.sources if s.name not in datasets]
+        datasets = datasets or {}
+        names = [s.name for s in self.cfg.sources if isinstance(s, ActivationFactoryDatasetSource)]
+        missing = [name for name in names if name not in datasets]
         if missing:
             raise KeyError(f"activation_factory.sources name datasets {missing} not given; have {sorted(datasets)}")
-        return ActivationStream(self.cfg, model, datasets, state, rank=rank, world_size=world_size)
+        if names and model is None:
+            raise ValueError(f"activation_factory.sources read datasets {names}: they need a model")
+        return ActivationStream(self.cfg, model, datasets, state, self.caches(), rank=rank, world_size=world_size)
+
+    def caches(self) -> dict[int, CacheManifest]:
+        """The manifest of each activation-cache source, by source index, once each is checked: it exists,
+        is complete, and holds every hook point asked for. Raises a one-line UserInputError otherwise."""
+        caches = {}
+        for i, source in enumerate(self.cfg.sources):
+            if isinstance(source, ActivationFactoryActivationsSource):
+                manifest = read_manifest(source.path, f"activation_factory.sources.{i}.path")
+                for hook in self.cfg.hook_points:
+                    if hook not in manifest.hook_points:
+                        raise UserInputError("activation_factory.hook_points", hook, f"not in the activation cache "
+                                             f"{source.path}, which holds: {', '.join(manifest.hook_points)}")
+                caches[i] = manifest
+        return caches
 
 
 class ActivationStream:
     """An iterator of `ActivationBatch`es that can say where it is (`state_dict`) and resume from there.
 
-    Its position is: which source, how many packed contexts of it went through the model, and the
-    re-batcher's rows and random state. Resuming re-tokenizes and skips the consumed contexts (cheap) rather
-    than re-running the model on them.
+    Its position is: which source, how far into it (packed contexts that went through the model, or rows read
+    from an activation cache), and the re-batcher's rows and random state. Resuming a dataset re-tokenizes and
+    skips the consumed contexts (cheap) rather than re-running the model on them; resuming a cache seeks to
+    the row (shard and offset) directly.
 
-    Data parallelism: rank r of `world_size` runs the model only on the forward groups it owns (`owns`), and
-    batches their rows into batches of batch_size / world_size, shuffled with seed perm_seed + r (buffer_size
-    rows per rank). The ranks' groups are disjoint and together are every group: one global batch is the
-    ranks' batches of one step together.
+    Data parallelism: rank r of `world_size` reads only the chunks it owns (`owns`): forward groups of a
+    dataset, slices of a cache. It batches their rows into batches of batch_size / world_size, shuffled with
+    seed perm_seed + r (buffer_size rows per rank). The ranks' chunks are disjoint and together are every
+    chunk: one global batch is the ranks' batches of one step together.
     """
 
-    def __init__(self, cfg: ActivationFactoryConfig, model: TransformerLensLanguageModel,
+    def __init__(self, cfg: ActivationFactoryConfig, model: TransformerLensLanguageModel | None,
                  datasets: Mapping[str, Any], state: dict[str, torch.Tensor] | None = None,
-                 rank: int = 0, world_size: int = 1) -> None:
+                 caches: Mapping[int, CacheManifest] | None = None, rank: int = 0, world_size: int = 1) -> None:
         if cfg.batch_size % world_size:
             raise UserInputError("activation_factory.batch_size", cfg.batch_size,
                                  f"must be divisible by the number of data-parallel processes ({world_size})")
-        self.cfg, self.model, self.datasets = cfg, model, datasets
+        self.cfg, self.model, self.datasets, self.caches = cfg, model, datasets, caches or {}
         self.rank, self.world_size = rank, world_size
         self.source_index = 0
         self.contexts_done = 0
+        """Progress in the current source: packed contexts for a dataset, rows for an activation cache."""
         self.draining = False
         batch_size = cfg.batch_size // world_size
         if cfg.buffer_size is None:
@@ -141,31 +192,56 @@ class ActivationStream:
         self.draining = bool(draining)
         self.batcher.load_state_dict({k.removeprefix("batcher."): v for k, v in state.items() if k.startswith("batcher.")})
 
-    def owns(self, group_index: int) -> bool:
-        """Whether this rank runs forward group `group_index` (counted from a source's start); the groups of
-        the other ranks are tokenized and skipped, which is cheap next to running the model."""
-        return group_index % self.world_size == self.rank
+    def owns(self, chunk_index: int) -> bool:
+        """Whether this rank reads chunk `chunk_index` of the current source: a dataset's forward group (the
+        others are tokenized and skipped, cheap next to running the model) or a cache's batch-sized slice (the
+        others are not read)."""
+        return chunk_index % self.world_size == self.rank
+
+    def rows(self) -> Iterator[Rows]:
+        """The masked, flattened rows in order, before re-batching: one forward pass (or one slice of a cache)
+        at a time. The position counts each chunk before it is yielded."""
+        while self.source_index < len(self.cfg.sources):
+            source = self.cfg.sources[self.source_index]
+            if isinstance(source, ActivationFactoryActivationsSource):
+                yield from self._cache_rows(Path(source.path), self.caches[self.source_index])
+            else:
+                yield from self._model_rows(source)
+            self.source_index, self.contexts_done = self.source_index + 1, 0
+
+    def _model_rows(self, source: ActivationFactoryDatasetSource) -> Iterator[Rows]:
+        assert self.model is not None
+        hook_points = list(dict.fromkeys(self.cfg.hook_points))
+        texts = (row["text"] for row in self.datasets[source.name])
+        contexts = pack_documents(texts, self.model.tokenizer, self.cfg.context_size)
+        for _ in zip(range(self.contexts_done), contexts):  # resume: skip what the model already saw
+            pass
+        while True:
+            group = [c for _, c in zip(range(self.cfg.model_batch_size), contexts)]
+            if not group:
+                return
+            if not self.owns(self.contexts_done // self.cfg.model_batch_size):
+                self.contexts_done += len(group)
+                continue
+            out = self.model.run_hooks(torch.stack(group), hook_points)
+            rows = {name: acts[out.mask_BT] for name, acts in out.activations.items()}
+            rows["tokens"] = out.tokens_BT[out.mask_BT]
+            self.contexts_done += len(group)  # counted before the rows are handed out: they are in the batcher
+            yield rows
+
+    def _cache_rows(self, root: Path, manifest: CacheManifest) -> Iterator[Rows]:
+        # Slices of one batch: the re-batcher's pending rows (saved in checkpoints) stay at most that big.
+        # Data-parallel: a slice belongs to rank (its first row // batch_size) mod world_size.
+        columns, size = [*dict.fromkeys(self.cfg.hook_points), "tokens"], self.cfg.batch_size
+        chunks = iter_cache_chunks(root, manifest, columns, start_row=self.contexts_done, chunk_rows=size,
+                                   read=lambda first_row: self.owns(first_row // size))
+        for first_row, rows in chunks:
+            self.contexts_done = first_row + len(rows["tokens"])  # the slices it did not read are behind it too
+            yield rows
 
     def _generate(self) -> Iterator[ActivationBatch]:
-        hook_points = list(dict.fromkeys(self.cfg.hook_points))
-        while not self.draining and self.source_index < len(self.cfg.sources):
-            source = self.cfg.sources[self.source_index]
-            texts = (row["text"] for row in self.datasets[source.name])
-            contexts = pack_documents(texts, self.model.tokenizer, self.cfg.context_size)
-            for _ in zip(range(self.contexts_done), contexts):  # resume: skip what the model already saw
-                pass
-            while True:
-                group = [c for _, c in zip(range(self.cfg.model_batch_size), contexts)]
-                if not group:
-                    break
-                if not self.owns(self.contexts_done // self.cfg.model_batch_size):
-                    self.contexts_done += len(group)
-                    continue
-                out = self.model.run_hooks(torch.stack(group), hook_points)
-                rows = {name: acts[out.mask_BT] for name, acts in out.activations.items()}
-                rows["tokens"] = out.tokens_BT[out.mask_BT]
-                self.contexts_done += len(group)  # counted before the rows are handed out: they are in the batcher
+        if not self.draining:
+            for rows in self.rows():
                 yield from self.batcher.push(rows)
-            self.source_index, self.contexts_done = self.source_index + 1, 0
         self.draining = True
         yield from self.batcher.flush()

@@ -3,7 +3,8 @@
 `evaluate_run(settings)` is what `lm-saes evaluate RUN_DIR` calls. "Held-out" means: on the run's own
 dataset, the packed contexts that come after every token the run's activation factory could have read
 (`tokens_read_by_training`: the trained tokens, the initializer's batches, the shuffle buffer and one
-forward batch), so no evaluated token was trained on. On another dataset (`dataset=`), from its start.
+forward batch), so no evaluated token was trained on; for a run trained from an activation cache, the cache's
+dataset past everything the cache holds. On another dataset (`dataset=`), from its start.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from rich.table import Table
 from lm_saes.config_base import BaseConfig, Device
 from lm_saes.datasets import DatasetConfig, load_dataset
 from lm_saes.errors import UserInputError
-from lm_saes.evaluator import EvalResult, Evaluator, EvaluatorConfig, held_out_contexts, tokens_read_by_training
+from lm_saes.evaluator import EvalResult, Evaluator, EvaluatorConfig, held_out_contexts, held_out_plan
 from lm_saes.language_model import TransformerLensLanguageModel
 from lm_saes.run_dir import METRICS_FILE, RUN_CONFIG_FILE, STATUS_FILE, read_status, write_json_atomic
 from lm_saes.runners.train import TrainSAESettings
@@ -89,12 +90,14 @@ def load_held_out_run(
     """
     device = device or train.model.device
     if dataset is None:
-        dataset_cfg, key = train.datasets[train.activation_factory.sources[0].name], "datasets (from the run)"
-        default_skip = tokens_read_by_training(train, *_tokens_and_world_size(run_dir))
+        plan = held_out_plan(train, *_tokens_and_world_size(run_dir))
+        dataset_cfg, key, default_skip, run_context_size = plan.dataset, "datasets (from the run)", plan.skip_tokens, \
+            plan.context_size
     else:
         dataset_cfg, key, default_skip = dataset, "dataset.dataset_name_or_path", 0
+        run_context_size = train.activation_factory.context_size
     skip = default_skip if skip_tokens is None else skip_tokens
-    context_size = context_size or train.activation_factory.context_size
+    context_size = context_size or run_context_size
     texts = load_dataset(dataset_cfg, key)
     model = TransformerLensLanguageModel(train.model.model_copy(update={"device": device}))
     sae = SparseAutoEncoder.from_pretrained(run_dir, device=device)

@@ -17,7 +17,13 @@ from pydantic import Field, model_validator
 from rich.console import Console
 
 from lm_saes import distributed
-from lm_saes.activation import ActivationFactory, ActivationFactoryConfig
+from lm_saes.activation import (
+    ActivationFactory,
+    ActivationFactoryActivationsSource,
+    ActivationFactoryConfig,
+    ActivationFactoryDatasetSource,
+)
+from lm_saes.activation.cache import CacheManifest, read_manifest
 from lm_saes.config_base import BaseConfig
 from lm_saes.datasets import DatasetConfig, load_dataset
 from lm_saes.errors import UserInputError
@@ -50,7 +56,9 @@ class TrainSAESettings(BaseConfig):
     model: LanguageModelConfig = LanguageModelConfig()
     model_name: str | None = None
     """A short label for the model (logs, wandb); defaults to the last part of model.model_name."""
-    datasets: dict[str, DatasetConfig] = Field(min_length=1)
+    datasets: dict[str, DatasetConfig] = Field(default_factory=dict)
+    """The corpora the activation factory's dataset sources name; none are needed when every source is an
+    activation cache."""
     activation_factory: ActivationFactoryConfig
     sae_name: str = "sae"
     sae_series: str = "default"
@@ -60,7 +68,7 @@ class TrainSAESettings(BaseConfig):
     @model_validator(mode="after")
     def _consistent(self) -> "TrainSAESettings":
         for i, source in enumerate(self.activation_factory.sources):
-            if source.name not in self.datasets:
+            if isinstance(source, ActivationFactoryDatasetSource) and source.name not in self.datasets:
                 raise UserInputError(
                     f"activation_factory.sources.{i}.name", source.name, f"not a dataset; datasets: {', '.join(self.datasets)}"
                 )
@@ -112,11 +120,15 @@ def _train(settings: TrainSAESettings) -> SparseAutoEncoder:
         checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path else None
         if checkpoint is not None:
             _check_same_settings(checkpoint, settings, world)
+        caches = check_activation_caches(settings)
         # Datasets first: a wrong path should fail before the model spends time loading.
-        datasets = {name: load_dataset(cfg, f"datasets.{name}.dataset_name_or_path") for name, cfg in settings.datasets.items()}
-        model = TransformerLensLanguageModel(settings.model)
-        sae_cfg = _resolve_sae_config(settings.sae, model)
-        model.check_hook_points(settings.activation_factory.hook_points, "activation_factory.hook_points")
+        names = dict.fromkeys(s.name for s in settings.activation_factory.sources if isinstance(s, ActivationFactoryDatasetSource))
+        datasets = {name: load_dataset(settings.datasets[name], f"datasets.{name}.dataset_name_or_path") for name in names}
+        # Training from activation caches alone needs no model (that is what they are for), unless it evaluates.
+        model = TransformerLensLanguageModel(settings.model) if names or settings.trainer.eval_frequency else None
+        sae_cfg = _resolve_sae_config(settings.sae, model, caches)
+        if model is not None:
+            model.check_hook_points(settings.activation_factory.hook_points, "activation_factory.hook_points")
         stream_state = checkpoint.section(stream_section(rank, world)) \
             if checkpoint and checkpoint.meta.get("has_stream_state") else None
         evaluate = training_evaluation(settings, model, datasets, world) if settings.trainer.eval_frequency else None
@@ -163,7 +175,6 @@ def _train(settings: TrainSAESettings) -> SparseAutoEncoder:
     finally:
         if wandb_run is not None:
             wandb_run.finish()
-
 
 
 def _checkpoint_to_resume(settings: TrainSAESettings, run_dir: Path) -> Path | None:
@@ -214,8 +225,38 @@ def _as_dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {"": value}
 
 
-def _resolve_sae_config(cfg: SAEConfig, model: TransformerLensLanguageModel) -> SAEConfig:
-    """Fill d_model from the model, or check it; check the SAE's hook points exist."""
+def check_activation_caches(settings: TrainSAESettings) -> dict[int, CacheManifest]:
+    """The manifests of the run's activation-cache sources, by source index, checked against the settings:
+    each is complete, of the same model, and holds the SAE's hook points (else a one-line UserInputError).
+    Reads only the manifests: the CLI's pre-check runs it too."""
+    for i, source in enumerate(settings.activation_factory.sources):
+        if not isinstance(source, ActivationFactoryActivationsSource):
+            continue
+        manifest = read_manifest(source.path, f"activation_factory.sources.{i}.path")
+        if not _same_model(manifest.model_name, settings.model.model_name):
+            raise UserInputError("model.model_name", settings.model.model_name, f"the activation cache {source.path} "
+                                 f"holds activations of {manifest.model_name}; train with model.model_name={manifest.model_name}")
+        for key, hook in (("sae.hook_point_in", settings.sae.hook_point_in), ("sae.hook_point_out", settings.sae.hook_point_target)):
+            if hook not in manifest.hook_points:
+                raise UserInputError(key, hook, f"not in the activation cache {source.path}, which holds: "
+                                     f"{', '.join(manifest.hook_points)}")
+        if settings.sae.d_model is not None and settings.sae.d_model != manifest.d_model:
+            raise UserInputError("sae.d_model", settings.sae.d_model,
+                                 f"does not match the activation cache's d_model ({manifest.d_model})")
+    return ActivationFactory(settings.activation_factory).caches()  # and the factory's own hook points
+
+
+def _same_model(a: str, b: str) -> bool:
+    """The same model name, or two spellings of one local model folder."""
+    return a == b or (Path(a).is_dir() and Path(b).is_dir() and Path(a).resolve() == Path(b).resolve())
+
+
+def _resolve_sae_config(cfg: SAEConfig, model: TransformerLensLanguageModel | None,
+                        caches: dict[int, CacheManifest]) -> SAEConfig:
+    """Fill d_model from the model (or, without one, from the activation caches, which
+    check_activation_caches has matched to the settings), or check it; check the SAE's hook points exist."""
+    if model is None:
+        return cfg.model_copy(update={"d_model": next(iter(caches.values())).d_model})
     if cfg.d_model is not None and cfg.d_model != model.d_model:
         raise UserInputError("sae.d_model", cfg.d_model, f"does not match the model's d_model ({model.d_model})")
     model.check_hook_points([cfg.hook_point_in], "sae.hook_point_in")
