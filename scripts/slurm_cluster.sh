@@ -127,6 +127,9 @@ down() {
     for daemon in slurmd slurmctld munged; do
         for _ in $(seq 1 20); do pid_alive "$STATE/$daemon.pid" || break; sleep 0.25; done
     done
+    # A daemon whose pid file is gone (a start that raced another) still names this cluster's files.
+    pkill -f -- "-f $CONF" 2>/dev/null || true
+    pkill -f -- "--key-file=$STATE/munge.key" 2>/dev/null || true
 }
 
 case "${1:-}" in

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -41,9 +42,19 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str
         if os.environ.get("CI"):
             pytest.fail(f"{message}: the SLURM tests must run in CI")
         pytest.skip(message)
-    up = subprocess.run(["bash", str(CLUSTER_SCRIPT), "up"], capture_output=True, text=True, timeout=180)
+    # A cluster of its own (state folder, free ports), so that a developer's cluster or a second test run on
+    # the same machine is left alone.
+    ctld_port, slurmd_port = _free_ports(2)
+    cluster_env = {**os.environ, "LM_SAES_SLURM_DIR": str(tmp_path_factory.mktemp("slurm")),
+                   "LM_SAES_SLURMCTLD_PORT": str(ctld_port), "LM_SAES_SLURMD_PORT": str(slurmd_port)}
+
+    def cluster(action: str, timeout: float) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["bash", str(CLUSTER_SCRIPT), action], capture_output=True, text=True, timeout=timeout,
+                              env=cluster_env)
+
+    up = cluster("up", timeout=180)
     if up.returncode != 0:
-        subprocess.run(["bash", str(CLUSTER_SCRIPT), "down"], capture_output=True, timeout=60)
+        cluster("down", timeout=60)
         pytest.fail(f"the test cluster did not start:\n{up.stdout}\n{up.stderr}")
     slurm_conf = up.stdout.strip().splitlines()[-1].removeprefix("export SLURM_CONF=")
     previous = os.environ.get("SLURM_CONF")
@@ -51,11 +62,21 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str
     try:
         yield {**os.environ, "SLURM_CONF": slurm_conf}
     finally:
-        subprocess.run(["bash", str(CLUSTER_SCRIPT), "down"], capture_output=True, timeout=60)
+        cluster("down", timeout=60)
         if previous is None:
             os.environ.pop("SLURM_CONF", None)
         else:
             os.environ["SLURM_CONF"] = previous
+
+
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
 
 
 def test_a_two_job_sweep_runs_as_a_slurm_job_array(slurm_cluster, tiny_model_dir, corpus_file, tmp_path) -> None:
