@@ -99,6 +99,23 @@ def test_a_two_job_sweep_runs_as_a_slurm_job_array(slurm_cluster, tiny_model_dir
     assert report.returncode == 0 and "2 ok" in report.stdout, report.stderr
 
 
+def test_a_job_with_two_tasks_trains_data_parallel(slurm_cluster, tiny_model_dir, corpus_file, tmp_path) -> None:
+    """hydra.launcher.tasks_per_node=2: SLURM starts two tasks of one job, which form one gloo process group (from
+    the srun step's variables) and split each batch; only rank 0 writes and prints progress."""
+    sweep = tmp_path / "sweep"
+    overrides = [o for o in tiny_overrides(tiny_model_dir, corpus_file, tmp_path) if not o.startswith("hydra.run")]
+    result = run_cli("train", "-m", *SMALL_JOBS, "hydra.launcher.tasks_per_node=2", "+sae=relu_8x", *overrides,
+                     "sae.expansion_factor=2", f"hydra.sweep.dir={sweep}")
+    assert result.returncode == 0, result.stderr
+    task_logs = sorted(sweep.glob(".submitit/*/*_log.out"))
+    assert [("global_rank=0(2)" in p.read_text(), "global_rank=1(2)" in p.read_text()) for p in task_logs] == \
+        [(True, False), (False, True)]
+    assert ["tok/s" in p.read_text() for p in task_logs] == [True, False]  # rank 1 prints no progress
+    status = json.loads((sweep / "0" / "status.json").read_text())
+    assert status["status"] == "ok" and status["metrics"]["n_training_tokens"] == 2560
+    assert json.loads((sweep / "0" / "metrics.json").read_text())["world_size"] == 2
+
+
 def test_the_local_launcher_runs_a_sweep_without_slurm(tiny_model_dir, corpus_file, tmp_path) -> None:
     sweep = tmp_path / "sweep"
     overrides = [o for o in tiny_overrides(tiny_model_dir, corpus_file, tmp_path) if not o.startswith("hydra.run")]
