@@ -8,7 +8,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from lm_saes.cli_config import ConfigError, datasets_from_cli, format_validation_error
+from lm_saes.cli_config import ConfigError, datasets_from_cli, resolved_container, validate_settings
 from lm_saes.errors import UserInputError
 
 
@@ -41,23 +41,13 @@ def check_shared_cache(cfg: DictConfig) -> None:
 
 def generate_settings_from_config(cfg: DictConfig) -> Any:
     """Validate a composed `generate` config into GenerateSettings. Raises ConfigError with one line."""
-    from pydantic import ValidationError
-
     from lm_saes.runners.generate import GenerateSettings
 
     if OmegaConf.is_missing(cfg, "output_dir"):
         raise ConfigError("output_dir: missing; usage: lm-saes generate OUTPUT_DIR [KEY=VALUE ...]")
-    try:
-        data: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
-    except Exception as e:
-        raise ConfigError(f"{getattr(e, 'full_key', '')}: {str(e).splitlines()[0]}") from None
+    data = resolved_container(cfg)
     name = datasets_from_cli(data)
-    try:
-        return GenerateSettings.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e, GenerateSettings, dataset_name=name)) from None
-    except UserInputError as e:
-        raise ConfigError(str(e)) from None
+    return validate_settings(GenerateSettings, data, dataset_name=name)
 
 
 def run_generate_job(cfg: DictConfig) -> None:

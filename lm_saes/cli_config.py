@@ -39,18 +39,33 @@ def group_options(group: str) -> list[str]:
 
 # --- composed config -> settings -------------------------------------------------------------------------
 
-def settings_from_config(cfg: DictConfig, run_dir: str | None) -> Any:
-    """Validate a composed `train` config into TrainSAESettings. Raises ConfigError with one line."""
+def resolved_container(cfg: DictConfig) -> dict[str, Any]:
+    """The composed config as plain data, interpolations resolved (ConfigError with one line)."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    except Exception as e:  # an interpolation to a missing key, say
+        raise ConfigError(f"{getattr(e, 'full_key', '')}: {str(e).splitlines()[0]}") from None
+
+
+def validate_settings(settings_cls: Any, data: dict[str, Any], dataset_name: str | None = None) -> Any:
+    """`settings_cls.model_validate(data)`, every complaint turned into one ConfigError line."""
     from pydantic import ValidationError
 
+    try:
+        return settings_cls.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, settings_cls, dataset_name=dataset_name)) from None
+    except UserInputError as e:
+        raise ConfigError(str(e)) from None
+
+
+def settings_from_config(cfg: DictConfig, run_dir: str | None) -> Any:
+    """Validate a composed `train` config into TrainSAESettings. Raises ConfigError with one line."""
     from lm_saes.runners.train import TrainSAESettings
 
     if "sae" not in cfg or cfg.sae is None:
         raise ConfigError(f"sae: missing; choose a preset with +sae=NAME, one of: {', '.join(group_options('sae'))}")
-    try:
-        data: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
-    except Exception as e:  # an interpolation to a missing key, say
-        raise ConfigError(f"{getattr(e, 'full_key', '')}: {str(e).splitlines()[0]}") from None
+    data = resolved_container(cfg)
     name = datasets_from_cli(data)
     factory = data.get("activation_factory") or {}
     if any(isinstance(s, dict) and "path" in s and s["path"] is None for s in factory.get("sources") or []):
@@ -63,12 +78,7 @@ def settings_from_config(cfg: DictConfig, run_dir: str | None) -> Any:
     trainer = data.get("trainer") or {}
     if trainer.get("exp_result_path") is None:
         trainer["exp_result_path"] = run_dir or "results"
-    try:
-        return TrainSAESettings.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e, TrainSAESettings, dataset_name=name)) from None
-    except UserInputError as e:
-        raise ConfigError(str(e)) from None
+    return validate_settings(TrainSAESettings, data, dataset_name=name)
 
 
 def datasets_from_cli(data: dict[str, Any]) -> str:
@@ -364,25 +374,17 @@ def positional_run_dir(args: list[str], key: str = "run_dir") -> list[str]:
 def run_dir_settings_from_config(verb: str, cfg: DictConfig, check_run_dir: bool = False) -> Any:
     """Validate a composed run-directory verb's config into its settings (ConfigError with one line); with
     `check_run_dir`, also check the directory is one the verb can use."""
-    from pydantic import ValidationError
-
     spec = RUN_DIR_VERBS[verb]
-    settings_cls = _load(spec.settings)
     if OmegaConf.is_missing(cfg, "run_dir"):
         raise ConfigError(f"run_dir: missing; usage: lm-saes {verb} RUN_DIR [KEY=VALUE ...]")
-    try:
-        data: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
-    except Exception as e:
-        raise ConfigError(f"{getattr(e, 'full_key', '')}: {str(e).splitlines()[0]}") from None
+    data = resolved_container(cfg)
     data.pop("hydra", None)
-    try:
-        settings = settings_cls.model_validate(data)
-        if check_run_dir and spec.check is not None:
+    settings = validate_settings(_load(spec.settings), data)
+    if check_run_dir and spec.check is not None:
+        try:
             _load(spec.check)(Path(settings.run_dir))
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e, settings_cls)) from None
-    except UserInputError as e:
-        raise ConfigError(str(e)) from None
+        except UserInputError as e:
+            raise ConfigError(str(e)) from None
     return settings
 
 
