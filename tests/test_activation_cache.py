@@ -266,6 +266,8 @@ def test_bad_caches_are_one_line_errors(tiny_model_dir, corpus_file, cache, tmp_
     assert f"model.model_name='other-model': the activation cache {cache} holds activations of {tiny_model_dir}" in \
         check(cache, **{"model.model_name": "other-model"})
     assert "sae.d_model=64: does not match the activation cache's d_model (32)" in check(cache, **{"sae.d_model": 64})
+    assert ("activation_factory.context_size=64: the activation cache" in
+            check(cache, **{"activation_factory.context_size": 64}))
 
 
 def test_generate_refuses_to_clobber_or_mix_settings(tiny_model_dir, corpus_file, cache, tmp_path) -> None:

@@ -240,6 +240,11 @@ def check_activation_caches(settings: TrainSAESettings) -> dict[int, CacheManife
             if hook not in manifest.hook_points:
                 raise UserInputError(key, hook, f"not in the activation cache {source.path}, which holds: "
                                      f"{', '.join(manifest.hook_points)}")
+        if manifest.context_size != settings.activation_factory.context_size:
+            # Training would not mind, but evaluate and analyze read held-out text in contexts of this size.
+            raise UserInputError("activation_factory.context_size", settings.activation_factory.context_size,
+                                 f"the activation cache {source.path} was made with context_size {manifest.context_size}; "
+                                 f"train with activation_factory.context_size={manifest.context_size}")
         if settings.sae.d_model is not None and settings.sae.d_model != manifest.d_model:
             raise UserInputError("sae.d_model", settings.sae.d_model,
                                  f"does not match the activation cache's d_model ({manifest.d_model})")
