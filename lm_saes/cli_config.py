@@ -288,6 +288,7 @@ def run_hydra_verb(verb: str, overrides: list[str]) -> int:
             if multirun:  # structure (and the shared cache) only: a job whose values are wrong records `failed`
                 composed = compose_single_run([a for a in overrides if not a.startswith("-")], config_name=verb, sweep=True)
                 cli_cache.check_shared_cache(composed)
+                _check_launcher(composed)
             else:
                 composed = compose_single_run(overrides, config_name=verb)
                 if verb in RUN_DIR_VERBS:
@@ -307,6 +308,16 @@ def run_hydra_verb(verb: str, overrides: list[str]) -> int:
     except SystemExit as e:
         return int(e.code or 0) if not isinstance(e.code, str) else 1
     return 0
+
+
+def _check_launcher(composed_with_hydra: DictConfig) -> None:
+    from lm_saes import slurm
+
+    if slurm.uses_slurm(composed_with_hydra):
+        try:
+            slurm.check_cluster_reachable()
+        except UserInputError as e:
+            raise ConfigError(str(e)) from None
 
 
 def run_train_job(cfg: DictConfig) -> None:

@@ -116,6 +116,19 @@ def test_a_job_with_two_tasks_trains_data_parallel(slurm_cluster, tiny_model_dir
     assert json.loads((sweep / "0" / "metrics.json").read_text())["world_size"] == 2
 
 
+def test_a_slurm_sweep_without_a_cluster_is_one_line_before_anything_is_made(tmp_path, monkeypatch, capsys) -> None:
+    from lm_saes.cli import main
+
+    monkeypatch.setenv("SLURM_CONF", str(tmp_path / "no-such-slurm.conf"))  # sbatch, if installed, finds no cluster
+    sweep = tmp_path / "sweep"
+    assert main(["train", "-m", "hydra/launcher=slurm", "+sae=relu_8x", "sae.expansion_factor=8,16",
+                 f"hydra.sweep.dir={sweep}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lm-saes train: hydra/launcher='slurm': ") and "hydra/launcher=local" in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert not sweep.exists()
+
+
 def test_the_local_launcher_runs_a_sweep_without_slurm(tiny_model_dir, corpus_file, tmp_path) -> None:
     sweep = tmp_path / "sweep"
     overrides = [o for o in tiny_overrides(tiny_model_dir, corpus_file, tmp_path) if not o.startswith("hydra.run")]
