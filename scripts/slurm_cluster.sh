@@ -119,6 +119,12 @@ up() {
 down() {
     [ -f "$CONF" ] || return 0
     SLURM_CONF=$CONF scancel --quiet --user="$(id -un)" 2>/dev/null || true
+    # Let every job finish completing first: a job step whose daemons (or munged) vanish under it lingers for
+    # minutes, retrying its exit message.
+    for _ in $(seq 1 60); do
+        [ -z "$(SLURM_CONF=$CONF squeue -h -o %i 2>/dev/null)" ] && break
+        sleep 0.5
+    done
     for daemon in slurmd slurmctld munged; do
         if pid_alive "$STATE/$daemon.pid"; then
             kill "$(cat "$STATE/$daemon.pid")" 2>/dev/null || true
@@ -130,6 +136,8 @@ down() {
     # A daemon whose pid file is gone (a start that raced another) still names this cluster's files.
     pkill -f -- "-f $CONF" 2>/dev/null || true
     pkill -f -- "--key-file=$STATE/munge.key" 2>/dev/null || true
+    sleep 0.5
+    pkill -9 -f -- "-f $CONF" 2>/dev/null || true
 }
 
 case "${1:-}" in
