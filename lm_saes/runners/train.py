@@ -144,8 +144,8 @@ def _train(settings: TrainSAESettings) -> SparseAutoEncoder:
                 sae = Initializer(settings.initializer).initialize_sae_from_config(sae_cfg, activation_stream=stream)
             except ValueError as e:
                 if "stream is empty" in str(e):
-                    names = ", ".join(d.dataset_name_or_path for d in settings.datasets.values())
-                    raise UserInputError("datasets", names, "the corpus is empty: it gave no text tokens") from None
+                    corpora = ", ".join(d.dataset_name_or_path for d in settings.datasets.values())
+                    raise UserInputError("datasets", corpora, "the corpus is empty: it gave no text tokens") from None
                 raise
             distributed.broadcast_module_(sae)  # every rank starts from rank 0's initialization
         if main:
