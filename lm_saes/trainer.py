@@ -27,10 +27,6 @@ from lm_saes.config_base import BaseConfig, DType
 from lm_saes.progress import TokenProgress
 from lm_saes.sae import SAELoss, SparseAutoEncoder
 
-DENSE_FREQUENCY = 0.1
-"""A latent firing on more than this fraction of tokens in a log window counts as dense."""
-
-
 class TrainerConfig(BaseConfig):
     amp_dtype: DType = torch.float32
     """Autocast dtype for the SAE step; float32 disables autocast."""
@@ -392,7 +388,7 @@ class _Window:
         n_dead = int((tokens_since_fired_S >= dead_window).sum())
         result["dead_fraction"] = n_dead / d_sae
         result["n_dead"] = n_dead
-        result["n_dense"] = int((self.fired_S > DENSE_FREQUENCY * self.n_tokens).sum())
+        result["n_dense"] = int((self.fired_S > metrics.DENSE_FREQUENCY * self.n_tokens).sum())
         if not all(math.isfinite(float(v)) for v in result.values()):
             raise FloatingPointError(f"non-finite training metrics: {result}")
         return result
