@@ -63,13 +63,11 @@ class TrainerConfig(BaseConfig):
 
 
 def _param_groups(sae: SparseAutoEncoder, lr: float) -> list[dict[str, Any]]:
-    """JumpReLU's thresholds learn at their own rate (sae.jumprelu_lr_factor x lr)."""
-    thresholds = [p for name, p in sae.named_parameters() if name.endswith("log_threshold")]
-    rest = [p for name, p in sae.named_parameters() if not name.endswith("log_threshold")]
-    groups: list[dict[str, Any]] = [{"params": rest}]
-    if thresholds:
-        groups.append({"params": thresholds, "lr": lr * sae.cfg.jumprelu_lr_factor})
-    return groups
+    """One group of every parameter at `lr`, then the activation function's own groups (JumpReLU's thresholds
+    at their own rate)."""
+    own = sae.activation_function.param_groups(lr)
+    claimed = {id(p) for group in own for p in group["params"]}
+    return [{"params": [p for p in sae.parameters() if id(p) not in claimed]}, *own]
 
 
 def _steps(value: float, total: int) -> int:

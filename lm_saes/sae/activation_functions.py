@@ -1,7 +1,8 @@
 """Activation functions, one registry keyed by `SAEConfig.act_fn`.
 
-Each one maps pre-activations to latents and declares its own sparsity penalty, so the trainer never
-changes when a variant is added:
+Each one maps pre-activations to latents and declares what the SAE and the trainer ask of it (its sparsity
+penalty, the most latents it selects, a sparse training path, parameters with a learning rate of their own),
+so that adding a variant changes neither the model nor the trainer:
 
 | act_fn    | latents                                   | sparsity penalty (x trainer.l1_coefficient) |
 |-----------|-------------------------------------------|---------------------------------------------|
@@ -14,12 +15,13 @@ changes when a variant is added:
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from lm_saes import distributed
+from lm_saes.sae.sparse_topk import sparse_topk_encode
 
 if TYPE_CHECKING:
     from lm_saes.sae.config import SAEConfig
@@ -40,6 +42,24 @@ class ActivationFunction(nn.Module):
 
     def set_progress(self, fraction: float) -> None:
         """Told the fraction of training done before each step (for schedules such as k annealing)."""
+
+    @classmethod
+    def max_k(cls, cfg: "SAEConfig") -> int | None:
+        """The most latents per token it ever selects (sae.top_k, checked against d_sae when the SAE is built);
+        None when it selects no fixed number."""
+        return None
+
+    def sparse_encode(
+        self, x_BD: torch.Tensor, W_E_DS: torch.Tensor, b_E_S: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The training path that never forms the dense latents: (values, indices), each (batch, k), of the
+        selected latents, with no sparsity penalty. None (the default): train on the dense latents."""
+        return None
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        """Adam parameter groups for those of its parameters that learn at a rate of their own (its other
+        parameters, and the SAE's, learn at `lr`)."""
+        return []
 
 
 class ReLU(ActivationFunction):
@@ -67,6 +87,15 @@ class TopK(ActivationFunction):
             t = min(fraction / span, 1.0)
             self.k = round(start + (end - start) * t)
 
+    @classmethod
+    def max_k(cls, cfg: "SAEConfig") -> int | None:
+        return max(cfg.top_k, cfg.top_k_initial or 0)
+
+    def sparse_encode(
+        self, x_BD: torch.Tensor, W_E_DS: torch.Tensor, b_E_S: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return sparse_topk_encode(x_BD, W_E_DS, b_E_S, self.k) if self.cfg.sparse_topk else None
+
     def select(self, pre_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, indices), each (batch, k): the kept latents, values after ReLU."""
         values_BK, indices_BK = pre_BS.topk(min(self.k, pre_BS.shape[-1]), dim=-1, sorted=False)
@@ -88,6 +117,11 @@ class BatchTopK(TopK):
         super().__init__(cfg)
         self.register_buffer("threshold", torch.zeros((), dtype=cfg.dtype, device=cfg.device))
         self.register_buffer("threshold_initialized", torch.zeros((), dtype=torch.bool, device=cfg.device))
+
+    def sparse_encode(
+        self, x_BD: torch.Tensor, W_E_DS: torch.Tensor, b_E_S: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None  # tokens share the batch's budget: there is no per-token k to select
 
     def forward(self, pre_BS: torch.Tensor) -> torch.Tensor:
         if not self.training:
@@ -166,6 +200,9 @@ class JumpReLU(ActivationFunction):
 
     def forward(self, pre_BS: torch.Tensor) -> torch.Tensor:
         return _JumpReLUFunction.apply(pre_BS, self.threshold_S, self.cfg.jumprelu_bandwidth)
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        return [{"params": [self.log_threshold], "lr": lr * self.cfg.jumprelu_lr_factor}]
 
     def sparsity_loss(self, pre_BS: torch.Tensor, latents_BS: torch.Tensor, decoder_norms_S: torch.Tensor) -> torch.Tensor:
         if self.cfg.jumprelu_sparsity == "l0":
