@@ -150,40 +150,46 @@ class BatchTopK(TopK):
         return latents_BS
 
 
+def _save_for_kernel(ctx: Any, pre_BS: torch.Tensor, threshold_S: torch.Tensor, bandwidth: float) -> None:
+    ctx.save_for_backward(pre_BS, threshold_S)
+    ctx.bandwidth = bandwidth
+
+
+def _rectangle_kernel(ctx: Any, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(pre, theta, kernel): the straight-through estimate of the Dirac delta at the threshold, 1/eps where
+    |pre - theta| < eps/2 and 0 elsewhere (eps the bandwidth); d/dtheta of both functions below goes through it."""
+    pre_BS, threshold_S = ctx.saved_tensors
+    eps = ctx.bandwidth
+    return pre_BS, threshold_S, ((pre_BS - threshold_S).abs() < eps / 2).to(dtype) / eps
+
+
 class _JumpReLUFunction(torch.autograd.Function):
-    """pre * H(pre - theta); d/dtheta by a rectangle-kernel straight-through estimator."""
+    """pre * H(pre - theta); d/dtheta through the rectangle kernel."""
 
     @staticmethod
     def forward(ctx, pre_BS: torch.Tensor, threshold_S: torch.Tensor, bandwidth: float) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(pre_BS, threshold_S)
-        ctx.bandwidth = bandwidth
+        _save_for_kernel(ctx, pre_BS, threshold_S, bandwidth)
         return pre_BS * (pre_BS > threshold_S)
 
     @staticmethod
     def backward(ctx, grad_BS: torch.Tensor):  # type: ignore[override]
-        pre_BS, threshold_S = ctx.saved_tensors
-        eps = ctx.bandwidth
+        pre_BS, threshold_S, kernel_BS = _rectangle_kernel(ctx, grad_BS.dtype)
         grad_pre = grad_BS * (pre_BS > threshold_S)
-        kernel = ((pre_BS - threshold_S).abs() < eps / 2).to(grad_BS.dtype) / eps
-        grad_threshold = (-threshold_S * kernel * grad_BS).sum(dim=0)
-        return grad_pre, grad_threshold, None
+        return grad_pre, (-threshold_S * kernel_BS * grad_BS).sum(dim=0), None
 
 
 class _StepFunction(torch.autograd.Function):
-    """H(pre - theta); d/dtheta by the same rectangle kernel (for the L0 penalty)."""
+    """H(pre - theta), for the L0 penalty; d/dtheta through the same kernel."""
 
     @staticmethod
     def forward(ctx, pre_BS: torch.Tensor, threshold_S: torch.Tensor, bandwidth: float) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(pre_BS, threshold_S)
-        ctx.bandwidth = bandwidth
+        _save_for_kernel(ctx, pre_BS, threshold_S, bandwidth)
         return (pre_BS > threshold_S).to(pre_BS.dtype)
 
     @staticmethod
     def backward(ctx, grad_BS: torch.Tensor):  # type: ignore[override]
-        pre_BS, threshold_S = ctx.saved_tensors
-        eps = ctx.bandwidth
-        kernel = ((pre_BS - threshold_S).abs() < eps / 2).to(grad_BS.dtype) / eps
-        return None, (-kernel * grad_BS).sum(dim=0), None
+        _, _, kernel_BS = _rectangle_kernel(ctx, grad_BS.dtype)
+        return None, (-kernel_BS * grad_BS).sum(dim=0), None
 
 
 class JumpReLU(ActivationFunction):
