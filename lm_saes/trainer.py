@@ -24,6 +24,7 @@ from lm_saes.checkpoint import (
     unflatten_optimizer,
 )
 from lm_saes.config_base import BaseConfig, DType
+from lm_saes.errors import EmptyActivationStream
 from lm_saes.progress import TokenProgress
 from lm_saes.sae import SAELoss, SparseAutoEncoder
 
@@ -109,7 +110,7 @@ class Trainer:
             n_first = torch.tensor([0 if first is None else len(first["tokens"]), int(first is None)])
             batch_size, n_empty = (int(v) for v in distributed.all_reduce_sum(n_first).tolist())  # the global batch
             if first is None or n_empty:  # every rank raises, rather than wait for the one that did
-                raise ValueError("the activation stream is empty: the corpus gave no tokens")
+                raise EmptyActivationStream()
             batches: Iterator[ActivationBatch] = _chain_first(first, stream)
         else:
             batch_size = int(resume_from.meta["batch_size"])
