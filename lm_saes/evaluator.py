@@ -27,7 +27,7 @@ from lm_saes.datasets import DatasetConfig, load_dataset
 from lm_saes.errors import UserInputError
 from lm_saes.language_model import TransformerLensLanguageModel
 from lm_saes.sae import SparseAutoEncoder
-from lm_saes.trainer import DENSE_FREQUENCY
+from lm_saes.metrics import DENSE_FREQUENCY
 
 if TYPE_CHECKING:
     from lm_saes.runners.train import TrainSAESettings

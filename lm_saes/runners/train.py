@@ -26,7 +26,7 @@ from lm_saes.activation import (
 from lm_saes.activation.cache import CacheManifest, read_manifest
 from lm_saes.config_base import BaseConfig
 from lm_saes.datasets import DatasetConfig, load_dataset
-from lm_saes.errors import UserInputError
+from lm_saes.errors import EmptyActivationStream, UserInputError
 from lm_saes.evaluator import training_evaluation
 from lm_saes.initializer import Initializer, InitializerConfig
 from lm_saes.language_model import LanguageModelConfig, TransformerLensLanguageModel
@@ -142,11 +142,9 @@ def _train(settings: TrainSAESettings) -> SparseAutoEncoder:
         else:
             try:
                 sae = Initializer(settings.initializer).initialize_sae_from_config(sae_cfg, activation_stream=stream)
-            except ValueError as e:
-                if "stream is empty" in str(e):
-                    corpora = ", ".join(d.dataset_name_or_path for d in settings.datasets.values())
-                    raise UserInputError("datasets", corpora, "the corpus is empty: it gave no text tokens") from None
-                raise
+            except EmptyActivationStream:
+                corpora = ", ".join(d.dataset_name_or_path for d in settings.datasets.values())
+                raise UserInputError("datasets", corpora, "the corpus is empty: it gave no text tokens") from None
             distributed.broadcast_module_(sae)  # every rank starts from rank 0's initialization
         if main:
             sae.cfg.save_hyperparameters(run_dir)
