@@ -13,7 +13,7 @@ never saw them in training) and count in no metric.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -21,7 +21,7 @@ import torch
 from pydantic import Field
 
 from lm_saes import metrics
-from lm_saes.activation.packing import pack_documents
+from lm_saes.activation.packing import batch_contexts, pack_documents
 from lm_saes.config_base import BaseConfig
 from lm_saes.datasets import DatasetConfig, load_dataset
 from lm_saes.errors import UserInputError
@@ -93,7 +93,7 @@ class Evaluator:
         fired_S = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
         sums = {"l0": 0.0, "l1": 0.0, "ce_clean": 0.0, "ce_sae": 0.0, "ce_ablated": 0.0, "kl_sae": 0.0, "kl_ablated": 0.0}
         n_tokens = n_predictions = 0
-        for tokens_BT in _batches(contexts, self.cfg.model_batch_size):
+        for tokens_BT in batch_contexts(contexts, self.cfg.model_batch_size):
             logits_clean_BTV, clean = model.run_with_capture(tokens_BT, hooks)
             mask_BT = clean.mask_BT
             x_out_BTD = clean.activations[hook_out]
@@ -134,7 +134,7 @@ class Evaluator:
         if self.cfg.ablation == "zero":
             return torch.zeros(d_model)
         total_D, count = torch.zeros(d_model, dtype=torch.float64), 0
-        for tokens_BT in _batches(contexts, self.cfg.model_batch_size):
+        for tokens_BT in batch_contexts(contexts, self.cfg.model_batch_size):
             out = model.run_hooks(tokens_BT, [hook])  # stops after the hook's block: cheaper than a full pass
             acts_ND = out.activations[hook][out.mask_BT]
             total_D += acts_ND.double().sum(dim=0).cpu()
@@ -175,11 +175,6 @@ class Evaluator:
             "hook_point_out": sae.cfg.hook_point_target, "d_sae": d_sae,
         }
         return EvalResult(values, metrics.firing_frequency_histogram(fired_S, n_tokens), info)
-
-
-def _batches(contexts: Sequence[torch.Tensor], size: int) -> Iterator[torch.Tensor]:
-    for start in range(0, len(contexts), size):
-        yield torch.stack(list(contexts[start : start + size]))
 
 
 def held_out_contexts(

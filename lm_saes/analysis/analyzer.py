@@ -12,13 +12,14 @@ Latents that never fired are listed as dead and left empty.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from pydantic import Field
 
+from lm_saes.activation.packing import batch_contexts
 from lm_saes.analysis.logit_effects import final_norm_weight, logit_effects, not_applicable_reason
 from lm_saes.analysis.top_examples import ExampleReservoir, Window, context_candidates
 from lm_saes.config_base import BaseConfig
@@ -131,7 +132,7 @@ class FeatureAnalyzer:
     ) -> FeatureAnalysis:
         hook = sae.cfg.hook_point_in
         state = self.state = AnalysisState(sae.cfg.d_sae, self.cfg)
-        for tokens_BT in _batches(contexts, self.cfg.model_batch_size):
+        for tokens_BT in batch_contexts(contexts, self.cfg.model_batch_size):
             if state.n_tokens >= self.cfg.n_tokens:
                 break
             out = model.run_hooks(tokens_BT, [hook])
@@ -181,14 +182,3 @@ class FeatureAnalyzer:
         result = FeatureAnalysis(tensors, info)
         result.info["dead_latents"] = result.dead_latents
         return result
-
-
-def _batches(contexts: Iterable[torch.Tensor], size: int) -> Iterator[torch.Tensor]:
-    batch: list[torch.Tensor] = []
-    for context_T in contexts:
-        batch.append(context_T)
-        if len(batch) == size:
-            yield torch.stack(batch)
-            batch = []
-    if batch:
-        yield torch.stack(batch)
