@@ -27,7 +27,7 @@ from lm_saes.activation.cache import CacheManifest, read_manifest
 from lm_saes.config_base import BaseConfig
 from lm_saes.datasets import DatasetConfig, load_dataset
 from lm_saes.errors import UserInputError
-from lm_saes.evaluator import training_evaluation
+from lm_saes.runners.held_out import training_evaluation
 from lm_saes.initializer import Initializer, InitializerConfig
 from lm_saes.language_model import LanguageModelConfig, TransformerLensLanguageModel
 from lm_saes.checkpoint import (
