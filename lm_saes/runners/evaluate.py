@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from lm_saes.evaluator import EvalResult, Evaluator, EvaluatorConfig
+from lm_saes.formatting import format_value
 from lm_saes.run_dir import EVAL_FILE, write_json_atomic
 from lm_saes.runners.held_out import HeldOutRunSettings, load_held_out_run
 from lm_saes.runners.run_loading import load_run_settings
@@ -74,16 +75,11 @@ def print_table(result: EvalResult, console: Console) -> None:
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     for group, rows in _ROWS:
         for i, (key, meaning) in enumerate(rows):
-            table.add_row(group if i == 0 else "", key, _fmt(result.metrics[key]), escape(meaning),  # [x.x_hat] is no markup
+            value = format_value(result.metrics[key], ".4f")  # fixed decimals line up in the column
+            table.add_row(group if i == 0 else "", key, value, escape(meaning),  # [x.x_hat] is no markup
                           end_section=i == len(rows) - 1)
     table.add_row("", "log10 firing freq.", _sparkline(result.histogram), "histogram, 1e-8 .. 1 (never fired apart)")
     console.print(table)
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "undefined"
-    return f"{value:.4f}" if isinstance(value, float) else f"{value:,}"
 
 
 def _sparkline(histogram: dict[str, Any]) -> str:
