@@ -33,7 +33,7 @@ from lm_saes.errors import UserInputError
 from lm_saes.runners.held_out import held_out_plan
 from lm_saes.runners.train import check_activation_caches
 from lm_saes.trainer import Preempted
-from tests.test_cli import run_cli, tiny_overrides
+from tests.conftest import run_cli, tiny_overrides
 from tests.test_train_api import HOOK, _settings
 
 SHARD_SIZE = 3000
