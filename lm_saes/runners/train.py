@@ -133,7 +133,8 @@ def _train(settings: TrainSAESettings) -> SparseAutoEncoder:
                 model.check_hook_points([hook], key)
         stream_state = checkpoint.section(stream_section(rank, world)) \
             if checkpoint and checkpoint.meta.get("has_stream_state") else None
-        evaluate = training_evaluation(settings, model, datasets, world, caches) if settings.trainer.eval_frequency else None
+        evaluate = training_evaluation(settings, model, datasets, world, caches) \
+            if settings.trainer.eval_frequency else None
         stream = ActivationFactory(settings.activation_factory).process(
             model=model, model_name=settings.resolved_model_name, datasets=datasets, state=stream_state,
             rank=rank, world_size=world, caches=caches,
