@@ -66,6 +66,20 @@ class TrainSAESettings(BaseConfig):
     """A group of related runs (the wandb group)."""
     wandb: WandbConfig = WandbConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_hook_points(cls, data: Any) -> Any:
+        """activation_factory.hook_points, when absent or None, are the SAE's: hook_point_in, and hook_point_out
+        for a transcoder (the factory itself requires them)."""
+        if not isinstance(data, dict) or not isinstance(data.get("activation_factory"), dict):
+            return data
+        factory, sae = data["activation_factory"], data.get("sae")
+        if factory.get("hook_points") is not None or sae is None:
+            return data
+        get = sae.get if isinstance(sae, dict) else lambda key: getattr(sae, key, None)
+        hooks = list(dict.fromkeys(h for h in (get("hook_point_in"), get("hook_point_out")) if h))
+        return {**data, "activation_factory": {**factory, "hook_points": hooks}}
+
     @model_validator(mode="after")
     def _consistent(self) -> "TrainSAESettings":
         for i, source in enumerate(self.activation_factory.sources):
