@@ -24,7 +24,7 @@ from lm_saes.activation import (
     ActivationFactoryDatasetSource,
 )
 from lm_saes.activation.cache import CacheManifest, read_manifest
-from lm_saes.config_base import BaseConfig
+from lm_saes.config_base import BaseConfig, check_device_available
 from lm_saes.datasets import DatasetConfig, load_dataset
 from lm_saes.errors import UserInputError
 from lm_saes.evaluator import training_evaluation
@@ -106,6 +106,7 @@ def _train(settings: TrainSAESettings) -> SparseAutoEncoder:
     """train_sae's body, on every rank; `main` (rank 0) alone writes."""
     run_dir = Path(settings.trainer.exp_result_path)
     world, rank, main = distributed.world_size(), distributed.rank(), distributed.is_main()
+    check_devices(settings)
 
     def claim_run_dir() -> Path | None:
         checkpoint_path = _checkpoint_to_resume(settings, run_dir)
@@ -129,6 +130,7 @@ def _train(settings: TrainSAESettings) -> SparseAutoEncoder:
         sae_cfg = _resolve_sae_config(settings.sae, model, caches)
         if model is not None:
             model.check_hook_points(settings.activation_factory.hook_points, "activation_factory.hook_points")
+            model.check_context_size(settings.activation_factory.context_size, "activation_factory.context_size")
         stream_state = checkpoint.section(stream_section(rank, world)) \
             if checkpoint and checkpoint.meta.get("has_stream_state") else None
         evaluate = training_evaluation(settings, model, datasets, world) if settings.trainer.eval_frequency else None
@@ -175,6 +177,15 @@ def _train(settings: TrainSAESettings) -> SparseAutoEncoder:
     finally:
         if wandb_run is not None:
             wandb_run.finish()
+
+
+def check_devices(settings: TrainSAESettings) -> None:
+    """Every device the run puts something on exists on this machine (else a one-line UserInputError)."""
+    shuffle = settings.activation_factory.buffer_shuffle
+    for key, device in (("sae.device", settings.sae.device), ("model.device", settings.model.device),
+                        ("activation_factory.buffer_shuffle.generator_device", shuffle.generator_device)):
+        if device is not None:
+            check_device_available(device, key)
 
 
 def _checkpoint_to_resume(settings: TrainSAESettings, run_dir: Path) -> Path | None:
