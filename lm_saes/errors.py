@@ -18,3 +18,11 @@ class UserInputError(ValueError):
 
 class RunDirectoryError(RuntimeError):
     """The run directory cannot be used as asked (e.g. it already holds a finished run)."""
+
+
+class EmptyActivationStream(ValueError):
+    """The activation stream gave no batch: its corpus has no tokens. The train runner reports it as a
+    UserInputError naming the corpora."""
+
+    def __init__(self) -> None:
+        super().__init__("the activation stream is empty: the corpus gave no tokens")

@@ -10,6 +10,7 @@ from pydantic import Field
 
 from lm_saes.activation import ActivationBatch
 from lm_saes.config_base import BaseConfig
+from lm_saes.errors import EmptyActivationStream
 from lm_saes.sae import SAEConfig, SparseAutoEncoder
 
 
@@ -41,7 +42,7 @@ class Initializer:
             return sae
         batches = [b for _, b in zip(range(self.cfg.n_norm_estimation_batches), activation_stream)]
         if not batches:
-            raise ValueError("the activation stream is empty: the corpus gave no tokens")
+            raise EmptyActivationStream()
         x_in_ND = torch.cat([b[cfg.hook_point_in] for b in batches]).to(cfg.device, cfg.dtype)
         x_out_ND = torch.cat([b[cfg.hook_point_target] for b in batches]).to(cfg.device, cfg.dtype)
         with torch.no_grad():

@@ -6,6 +6,10 @@ from typing import Any
 
 import torch
 
+DENSE_FREQUENCY = 0.1
+"""A latent firing on more than this fraction of tokens (in a training log window, or over an evaluation) counts
+as dense."""
+
 
 def mse(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> torch.Tensor:
     """Mean over rows of the squared error summed over features."""

@@ -9,6 +9,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from lm_saes.formatting import format_value
+
 
 class TokenProgress:
     """Tracks tokens done against a budget (None: open-ended); `log` prints a metrics line (always) and moves the
@@ -48,7 +50,7 @@ class TokenProgress:
     def log(self, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        text = "  ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
+        text = "  ".join(f"{k}={format_value(v)}" for k, v in metrics.items())
         if self._bar is not None:
             self._bar.update(self._task, info=_short(metrics))
             if sys.stdout.isatty():
@@ -64,14 +66,6 @@ class TokenProgress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
 
 
 def _short(metrics: dict[str, Any]) -> str:

@@ -10,11 +10,17 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from lm_saes.run_dir import EVAL_FILE, METRICS_FILE, RUN_CONFIG_FILE, STATUS_FILE
+
+HYDRA_OVERRIDES_FILE = ".hydra/overrides.yaml"
+"""Where Hydra keeps a job's command-line overrides, in its run directory."""
 
 METRIC_COLUMNS = ("explained_variance", "l0", "mse", "dead_fraction", "n_training_tokens", "ce_loss_score", "kl_div_score")
 
@@ -33,12 +39,12 @@ class JobRow:
 def find_jobs(sweep_dir: Path) -> list[JobRow]:
     """Every run directory under `sweep_dir` (any folder holding status.json), sorted by job number."""
     rows = []
-    for status_file in sorted(sweep_dir.rglob("status.json"), key=lambda p: _job_key(p.parent, sweep_dir)):
+    for status_file in sorted(sweep_dir.rglob(STATUS_FILE), key=lambda p: _job_key(p.parent, sweep_dir)):
         run_dir = status_file.parent
-        status = _read_json(status_file)
-        metrics = {**_read_json(run_dir / "metrics.json"), **_read_json(run_dir / "eval.json")}
-        overrides = _read_overrides(run_dir / ".hydra" / "overrides.yaml")
-        config = _read_yaml(run_dir / "config.yaml")
+        status = _read_dict(status_file, json.loads)
+        metrics = {**_read_dict(run_dir / METRICS_FILE, json.loads), **_read_dict(run_dir / EVAL_FILE, json.loads)}
+        overrides = _read_overrides(run_dir / HYDRA_OVERRIDES_FILE)
+        config = _read_dict(run_dir / RUN_CONFIG_FILE, yaml.safe_load)
         rows.append(JobRow(
             job=str(run_dir.relative_to(sweep_dir)) or ".",
             status=str(status.get("status", "unknown")),
@@ -54,27 +60,21 @@ def _job_key(run_dir: Path, sweep_dir: Path) -> tuple[Any, ...]:
     return tuple(int(p) if p.isdigit() else p for p in run_dir.relative_to(sweep_dir).parts)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _read(path: Path, parse: Callable[[str], Any]) -> Any:
+    """`path` parsed, or None when it is missing or unreadable (a job may have died while writing it)."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
+        return parse(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError):  # json.JSONDecodeError is a ValueError
+        return None
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
-        return {}
+def _read_dict(path: Path, parse: Callable[[str], Any]) -> dict[str, Any]:
+    data = _read(path, parse)
     return data if isinstance(data, dict) else {}
 
 
 def _read_overrides(path: Path) -> dict[str, str]:
-    try:
-        items = yaml.safe_load(path.read_text()) or []
-    except (OSError, yaml.YAMLError):
-        return {}
+    items = _read(path, yaml.safe_load) or []
     pairs = (str(item).lstrip("+~").split("=", 1) for item in items)
     return {k: v for k, v in (p if len(p) == 2 else (p[0], "") for p in pairs)}
 

@@ -7,6 +7,7 @@
 | config.yaml              | the runner (whole resolved run config) |
 | metrics.json             | the runner (final metrics) |
 | status.json              | the runner: "running" at start, "ok"/"failed" last |
+| eval.json                | `lm-saes evaluate`, later |
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from lm_saes.errors import RunDirectoryError, UserInputError
 STATUS_FILE = "status.json"
 METRICS_FILE = "metrics.json"
 RUN_CONFIG_FILE = "config.yaml"
+EVAL_FILE = "eval.json"
 
 
 @contextlib.contextmanager

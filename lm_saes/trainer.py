@@ -1,19 +1,23 @@
-"""Trainer: Adam, learning-rate and L1 schedules, metrics and logging over an activation stream."""
+"""Trainer: Adam with learning-rate and sparsity-coefficient schedules over an activation stream, with metrics,
+logging, checkpoints, preemption and periodic evaluation."""
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 import signal
 import threading
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from pydantic import Field
 
-from lm_saes import distributed, metrics
+from lm_saes import distributed
 from lm_saes.activation import ActivationBatch
 from lm_saes.checkpoint import (
     Checkpoint,
@@ -24,11 +28,14 @@ from lm_saes.checkpoint import (
     unflatten_optimizer,
 )
 from lm_saes.config_base import BaseConfig, DType
+from lm_saes.errors import EmptyActivationStream
 from lm_saes.progress import TokenProgress
-from lm_saes.sae import SAELoss, SparseAutoEncoder
+from lm_saes.run_dir import METRICS_FILE, write_json_atomic
+from lm_saes.sae import SparseAutoEncoder
+from lm_saes.training_state import StepTotals, TrainingState, step_totals
 
-DENSE_FREQUENCY = 0.1
-"""A latent firing on more than this fraction of tokens in a log window counts as dense."""
+Evaluate = Callable[[SparseAutoEncoder], dict[str, float | None]]
+"""The downstream evaluation `fit` runs now and then (CE/KL with the SAE spliced in); wandb gets no None values."""
 
 
 class TrainerConfig(BaseConfig):
@@ -66,18 +73,59 @@ class TrainerConfig(BaseConfig):
     a run directory that has checkpoints (start elsewhere, or delete them)."""
 
 
-def _param_groups(sae: SparseAutoEncoder, lr: float) -> list[dict[str, Any]]:
-    """JumpReLU's thresholds learn at their own rate (sae.jumprelu_lr_factor x lr)."""
-    thresholds = [p for name, p in sae.named_parameters() if name.endswith("log_threshold")]
-    rest = [p for name, p in sae.named_parameters() if not name.endswith("log_threshold")]
-    groups: list[dict[str, Any]] = [{"params": rest}]
-    if thresholds:
-        groups.append({"params": thresholds, "lr": lr * sae.cfg.jumprelu_lr_factor})
-    return groups
+def lr_factor(step: int, total: int, warm: int, cool: int) -> float:
+    """The learning rate's multiplier at `step` (from 0) of `total`: a linear warm-up over the first `warm`
+    steps, then 1, then a linear cool-down to zero over the last `cool`."""
+    if step < warm:
+        return (step + 1) / warm
+    if step >= total - cool:
+        return max(total - step, 0) / max(cool, 1)
+    return 1.0
+
+
+def sparsity_coefficient(step: int, final: float, warm: int) -> float:
+    """The sparsity penalty's weight at `step` (from 0): a linear ramp to `final` over the first `warm` steps."""
+    return final * min(1.0, (step + 1) / warm) if warm else final
 
 
 def _steps(value: float, total: int) -> int:
+    """A length given as a fraction of `total` steps (< 1) or as a step count."""
     return int(value * total) if value < 1 else int(value)
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """The run's fixed numbers: the config's, resolved against the global batch size."""
+
+    batch_size: int
+    """Rows per step, all data-parallel ranks together."""
+    total_steps: int
+    lr_warm_up: int
+    lr_cool_down: int
+    l1_warm_up: int
+    checkpoint_every: int
+    """Steps between checkpoints; 0: none."""
+
+    @classmethod
+    def of(cls, cfg: TrainerConfig, batch_size: int) -> TrainingPlan:
+        if cfg.total_training_tokens < batch_size:
+            raise ValueError(
+                f"trainer.total_training_tokens={cfg.total_training_tokens} is smaller than one batch ({batch_size})"
+            )
+        total = cfg.total_training_tokens // batch_size
+        return cls(
+            batch_size, total, _steps(cfg.lr_warm_up_steps, total), _steps(cfg.lr_cool_down_steps, total),
+            _steps(cfg.l1_coefficient_warmup_steps, total),
+            max(total // (cfg.n_checkpoints + 1), 1) if cfg.n_checkpoints else 0,
+        )
+
+
+def _param_groups(sae: SparseAutoEncoder, lr: float) -> list[dict[str, Any]]:
+    """One group of every parameter at `lr`, then the activation function's own groups (JumpReLU's thresholds
+    at their own rate)."""
+    own = sae.activation_function.param_groups(lr)
+    claimed = {id(p) for group in own for p in group["params"]}
+    return [{"params": [p for p in sae.parameters() if id(p) not in claimed]}, *own]
 
 
 class Trainer:
@@ -89,7 +137,7 @@ class Trainer:
         sae: SparseAutoEncoder,
         activation_stream: Iterator[ActivationBatch],
         wandb_run: Any | None = None,
-        evaluate: Callable[[SparseAutoEncoder], dict[str, float | None]] | None = None,
+        evaluate: Evaluate | None = None,
         resume_from: Checkpoint | None = None,
         checkpoint_meta: dict[str, Any] | None = None,
     ) -> dict[str, float | int]:
@@ -105,152 +153,171 @@ class Trainer:
         the same SAE and its own share of the batches; the step, the schedules and every metric are those of
         the global batch (all ranks' rows together), and only rank 0 prints, logs and writes files.
         """
-        from lm_saes.run_dir import METRICS_FILE, write_json_atomic
-
-        cfg, sae_cfg = self.cfg, sae.cfg
-        world, main = distributed.world_size(), distributed.is_main()
+        cfg, main = self.cfg, distributed.is_main()
         stream = iter(activation_stream)
         if resume_from is None:
-            first = next(stream, None)
-            n_first = torch.tensor([0 if first is None else len(first["tokens"]), int(first is None)])
-            batch_size, n_empty = (int(v) for v in distributed.all_reduce_sum(n_first).tolist())  # the global batch
-            if first is None or n_empty:  # every rank raises, rather than wait for the one that did
-                raise ValueError("the activation stream is empty: the corpus gave no tokens")
-            batches: Iterator[ActivationBatch] = _chain_first(first, stream)
+            batches, batch_size = _peek_batch_size(stream)
         else:
-            batch_size = int(resume_from.meta["batch_size"])
-            batches = stream
-        if cfg.total_training_tokens < batch_size:
-            raise ValueError(
-                f"trainer.total_training_tokens={cfg.total_training_tokens} is smaller than one batch ({batch_size})"
-            )
-        total_steps = cfg.total_training_tokens // batch_size
-        warm, cool = _steps(cfg.lr_warm_up_steps, total_steps), _steps(cfg.lr_cool_down_steps, total_steps)
-        l1_warm = _steps(cfg.l1_coefficient_warmup_steps, total_steps)
-
-        def lr_factor(step: int) -> float:
-            if step < warm:
-                return (step + 1) / warm
-            if step >= total_steps - cool:
-                return max(total_steps - step, 0) / max(cool, 1)
-            return 1.0
-
-        optimizer = torch.optim.Adam(_param_groups(sae, cfg.lr), lr=cfg.lr, betas=cfg.betas)
-        state = _State(sae_cfg.d_sae, sae_cfg.device)
-        if resume_from is not None:
-            sae.load_state_dict(resume_from.section("sae"))
-            optimizer.load_state_dict(unflatten_optimizer(resume_from.section("optimizer"), resume_from.meta["param_groups"]))
-            state.load(resume_from)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-        with warnings.catch_warnings():  # replaying the schedule without optimizer steps is intended here
-            warnings.simplefilter("ignore", UserWarning)
-            for _ in range(state.step):  # the schedule is a pure function of the step: replay it
-                scheduler.step()
-        checkpoint_every = max(total_steps // (cfg.n_checkpoints + 1), 1) if cfg.n_checkpoints else 0
-        run_dir = Path(cfg.exp_result_path)
+            batches, batch_size = stream, int(resume_from.meta["batch_size"])
+        run = _Run(cfg, TrainingPlan.of(cfg, batch_size), sae, stream, resume_from, wandb_run, checkpoint_meta)
         final: dict[str, float | int] = {}
-        progress = TokenProgress(total_steps * batch_size, f"training {sae_cfg.act_fn} SAE", enabled=main)
-        progress.advance(state.tokens_seen)
         sae.train()
-
-        def save() -> Path | None:
-            """Every rank calls this (each hands over its stream's position); rank 0 writes and returns the path.
-            The rest of the state is the same on every rank."""
-            has_stream_state = hasattr(stream, "state_dict")
-            stream_state = getattr(stream, "state_dict", dict)()
-            stream_states = distributed.gather_to_main({k: v.cpu() for k, v in stream_state.items()})
-            if stream_states is None:
-                return None
-            tensors = {**{f"sae.{k}": v for k, v in sae.state_dict().items()}, **state.tensors()}
-            opt_tensors, param_groups = flatten_optimizer(optimizer.state_dict())
-            tensors.update({f"optimizer.{k}": v for k, v in opt_tensors.items()})
-            for rank, rank_state in enumerate(stream_states):
-                tensors.update({f"{stream_section(rank, world)}.{k}": v for k, v in rank_state.items()})
-            return save_checkpoint(run_dir, state.step, tensors, {
-                **(checkpoint_meta or {}), "batch_size": batch_size, "param_groups": param_groups,
-                "tokens_seen": state.tokens_seen, "has_stream_state": has_stream_state, "world_size": world,
-            })
-
         preemption = _PreemptionSignals()
         try:
             preemption.install()
-            for step in range(state.step, total_steps):
-                batch = next(batches, None)
-                n = 0 if batch is None else len(batch["tokens"])
-                n_global, n_ended = distributed.all_reduce_sum(torch.tensor([n, int(batch is None)])).tolist()
-                if n_ended:  # all ranks stop together once one rank's share of the stream ends
-                    progress.console.print(
-                        f"[yellow]warning: the activation stream ended after {state.tokens_seen:,} tokens, before the "
-                        f"budget of {cfg.total_training_tokens:,}; use a larger corpus or a smaller budget"
-                    )
+            while not run.finished:
+                batch, n_global = _next_batch(batches)
+                if batch is None:  # all ranks stop together once one rank's share of the stream ends
+                    run.warn_stream_ended()
                     break
-                assert batch is not None
-                x_in = batch[sae_cfg.hook_point_in].to(sae_cfg.device, sae_cfg.dtype)
-                x_out = batch[sae_cfg.hook_point_target].to(sae_cfg.device, sae_cfg.dtype)
-                l1_coefficient = cfg.l1_coefficient * min(1.0, (step + 1) / l1_warm) if l1_warm else cfg.l1_coefficient
-                sae.activation_function.set_progress(step / total_steps)
-                dead_S = state.tokens_since_fired_S >= cfg.dead_feature_window
-                with torch.autocast(
-                    device_type=torch.device(sae_cfg.device).type, dtype=cfg.amp_dtype,
-                    enabled=cfg.amp_dtype != torch.float32,
-                ):
-                    out = sae.compute_loss(x_in, x_out, l1_coefficient, dead_S=dead_S)
-                optimizer.zero_grad(set_to_none=True)
-                out.loss.backward()
-                distributed.sum_gradients_(sae.parameters(), n / n_global)
-                totals = _StepTotals(distributed.all_reduce_sum(
-                    _step_totals(out, n, sae_cfg.d_sae, preempted=preemption.signal_name is not None)), sae_cfg.d_model)
-                if totals.diverged:  # no update: every rank stops here, at the same step
-                    last, loss = latest_checkpoint_path(run_dir), out.loss.item()
-                    raise TrainingDiverged(
-                        f"training diverged: the loss became {'non-finite on another rank' if math.isfinite(loss) else loss} "
-                        f"at step {step}; " + (f"the last good checkpoint is {last}; " if last else "")
-                        + "lower trainer.lr or check the activations"
-                    )
-                optimizer.step()
-                scheduler.step()
-
-                fired_S = state.window.add(totals) > 0
-                state.tokens_since_fired_S += n_global
-                state.tokens_since_fired_S[fired_S] = 0
-                state.tokens_seen += n_global
-                state.step = step + 1
-                progress.advance(n_global)
-                if state.step % cfg.log_frequency == 0 or state.step == total_steps:
-                    final = state.window.summary(state.tokens_since_fired_S, min(cfg.dead_feature_window, state.tokens_seen))
-                    final.update(lr=scheduler.get_last_lr()[0], l1_coefficient=l1_coefficient,
-                                 n_training_tokens=state.tokens_seen, step=state.step)
-                    progress.log(final)
-                    if wandb_run is not None:
-                        wandb_run.log({f"train/{k}": v for k, v in final.items()}, step=state.step)
-                    state.window = _Window(sae_cfg.d_sae, sae_cfg.device)
-                if checkpoint_every and state.step % checkpoint_every == 0 and state.step < total_steps:
-                    save()
-                if totals.preempted and state.step < total_steps:  # agreed by all ranks: they checkpoint together
-                    saved = save()
-                    received = f"received {preemption.signal_name}" if preemption.signal_name else \
-                        "another rank received a preemption signal"
-                    raise Preempted(
-                        f"{received} at step {state.step}: saved {saved or 'a checkpoint (rank 0)'}; rerun the same "
-                        "command (same trainer.exp_result_path) to resume", signal_name=preemption.signal_name,
-                    )
-                if evaluate is not None and main and cfg.eval_frequency and state.step % cfg.eval_frequency == 0 \
-                        and state.step < total_steps:  # the last step gets the final evaluation below
-                    _log_eval(evaluate(sae), state.step, progress, wandb_run)
+                totals = run.step(batch, n_global, preempted=preemption.signal_name is not None)
+                run.record(totals)
+                if run.due(cfg.log_frequency) or run.finished:
+                    final = run.log_window()
+                if run.due(run.plan.checkpoint_every) and not run.finished:
+                    run.save_checkpoint()
+                if totals.preempted and not run.finished:  # agreed by all ranks: they checkpoint together
+                    raise run.preempted(preemption.signal_name)
+                if evaluate is not None and main and run.due(cfg.eval_frequency) and not run.finished:
+                    run.log_eval(evaluate(sae))  # the last step gets the final evaluation, in finish
         finally:
             preemption.restore()
-            progress.close()
-        if state.window.n_tokens:  # the stream ended between log lines
-            final = state.window.summary(state.tokens_since_fired_S, min(cfg.dead_feature_window, state.tokens_seen))
-            final.update(n_training_tokens=state.tokens_seen)
-        final["tokens_per_second"] = progress.tokens_per_second
-        final["world_size"] = world
-        if evaluate is not None and main:
-            downstream = evaluate(sae)
-            _log_eval(downstream, int(final.get("step", total_steps)), progress, wandb_run)
+            run.progress.close()
+        return run.finish(final, evaluate)
+
+
+class _Run:
+    """One call of `Trainer.fit`: the SAE, its optimizer and schedule, the counters, the console and wandb."""
+
+    def __init__(
+        self, cfg: TrainerConfig, plan: TrainingPlan, sae: SparseAutoEncoder, stream: Iterator[ActivationBatch],
+        resume_from: Checkpoint | None, wandb_run: Any | None, checkpoint_meta: dict[str, Any] | None,
+    ) -> None:
+        self.cfg, self.plan, self.sae, self.stream, self.wandb_run = cfg, plan, sae, stream, wandb_run
+        self.checkpoint_meta = checkpoint_meta or {}
+        self.run_dir, self.world, self.main = Path(cfg.exp_result_path), distributed.world_size(), distributed.is_main()
+        self.optimizer = torch.optim.Adam(_param_groups(sae, cfg.lr), lr=cfg.lr, betas=cfg.betas)
+        self.state = TrainingState(sae.cfg.d_sae, sae.cfg.device)
+        if resume_from is not None:
+            sae.load_state_dict(resume_from.section("sae"))
+            self.optimizer.load_state_dict(
+                unflatten_optimizer(resume_from.section("optimizer"), resume_from.meta["param_groups"]))
+            self.state.load(resume_from)
+        self.scheduler = _lr_scheduler(self.optimizer, plan, self.state.step)
+        self.progress = TokenProgress(plan.total_steps * plan.batch_size, f"training {sae.cfg.act_fn} SAE",
+                                      enabled=self.main)
+        self.progress.advance(self.state.tokens_seen)
+
+    @property
+    def finished(self) -> bool:
+        return self.state.step >= self.plan.total_steps
+
+    def due(self, every: int) -> bool:
+        """Whether the step just done closes a period of `every` steps (never, when 0)."""
+        return every > 0 and self.state.step % every == 0
+
+    def sparsity_coefficient(self, step: int) -> float:
+        return sparsity_coefficient(step, self.cfg.l1_coefficient, self.plan.l1_warm_up)
+
+    def step(self, batch: ActivationBatch, n_global: int, preempted: bool) -> StepTotals:
+        """One optimizer step on the global batch of `n_global` rows (`batch` is this rank's share); its totals
+        over all ranks. When the loss is not finite on some rank, every rank raises TrainingDiverged instead of
+        updating."""
+        cfg, sae_cfg, step = self.cfg, self.sae.cfg, self.state.step
+        x_in_BD = batch[sae_cfg.hook_point_in].to(sae_cfg.device, sae_cfg.dtype)
+        x_out_BD = batch[sae_cfg.hook_point_target].to(sae_cfg.device, sae_cfg.dtype)
+        self.sae.activation_function.set_progress(step / self.plan.total_steps)
+        dead_S = self.state.tokens_since_fired_S >= cfg.dead_feature_window
+        with torch.autocast(
+            device_type=torch.device(sae_cfg.device).type, dtype=cfg.amp_dtype, enabled=cfg.amp_dtype != torch.float32,
+        ):
+            out = self.sae.compute_loss(x_in_BD, x_out_BD, self.sparsity_coefficient(step), dead_S=dead_S)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        n = len(batch["tokens"])
+        distributed.sum_gradients_(self.sae.parameters(), n / n_global)
+        totals = StepTotals(distributed.all_reduce_sum(step_totals(out, n, sae_cfg.d_sae, preempted)), sae_cfg.d_model)
+        if totals.diverged:  # no update: every rank stops here, at the same step
+            loss, last = out.loss.item(), latest_checkpoint_path(self.run_dir)
+            raise TrainingDiverged(
+                f"training diverged: the loss became {'non-finite on another rank' if math.isfinite(loss) else loss} "
+                f"at step {step}; " + (f"the last good checkpoint is {last}; " if last else "")
+                + "lower trainer.lr or check the activations"
+            )
+        self.optimizer.step()
+        self.scheduler.step()
+        return totals
+
+    def record(self, totals: StepTotals) -> None:
+        """The bookkeeping after a step: the counters, the log window's sums, the progress bar."""
+        self.state.record(totals)
+        self.progress.advance(int(totals.scalars["n"]))
+
+    def log_window(self) -> dict[str, float | int]:
+        """Log the metrics of the steps since the last log line (console, wandb), return them, start afresh."""
+        state = self.state
+        result = state.window_summary(self.cfg.dead_feature_window)
+        result.update(lr=self.scheduler.get_last_lr()[0], l1_coefficient=self.sparsity_coefficient(state.step - 1),
+                      n_training_tokens=state.tokens_seen, step=state.step)
+        self.progress.log(result)
+        if self.wandb_run is not None:
+            self.wandb_run.log({f"train/{k}": v for k, v in result.items()}, step=state.step)
+        state.start_window()
+        return result
+
+    def log_eval(self, result: dict[str, float | None], step: int | None = None) -> None:
+        self.progress.log({f"eval/{k}": v for k, v in result.items()})
+        if self.wandb_run is not None:
+            self.wandb_run.log({f"eval/{k}": v for k, v in result.items() if v is not None},
+                               step=self.state.step if step is None else step)
+
+    def warn_stream_ended(self) -> None:
+        self.progress.console.print(
+            f"[yellow]warning: the activation stream ended after {self.state.tokens_seen:,} tokens, before the "
+            f"budget of {self.cfg.total_training_tokens:,}; use a larger corpus or a smaller budget"
+        )
+
+    def save_checkpoint(self) -> Path | None:
+        """Every rank calls this (each hands over its stream's position); rank 0 writes and returns the path.
+        The rest of the state is the same on every rank."""
+        has_stream_state = hasattr(self.stream, "state_dict")
+        stream_state = getattr(self.stream, "state_dict", dict)()
+        stream_states = distributed.gather_to_main({k: v.cpu() for k, v in stream_state.items()})
+        if stream_states is None:
+            return None
+        tensors = {**{f"sae.{k}": v for k, v in self.sae.state_dict().items()}, **self.state.tensors()}
+        opt_tensors, param_groups = flatten_optimizer(self.optimizer.state_dict())
+        tensors.update({f"optimizer.{k}": v for k, v in opt_tensors.items()})
+        for rank, rank_state in enumerate(stream_states):
+            tensors.update({f"{stream_section(rank, self.world)}.{k}": v for k, v in rank_state.items()})
+        return save_checkpoint(self.run_dir, self.state.step, tensors, {
+            **self.checkpoint_meta, "batch_size": self.plan.batch_size, "param_groups": param_groups,
+            "tokens_seen": self.state.tokens_seen, "has_stream_state": has_stream_state, "world_size": self.world,
+        })
+
+    def preempted(self, signal_name: str | None) -> Preempted:
+        """Checkpoint (on every rank, together), then the error to stop with."""
+        saved = self.save_checkpoint()
+        received = f"received {signal_name}" if signal_name else "another rank received a preemption signal"
+        return Preempted(
+            f"{received} at step {self.state.step}: saved {saved or 'a checkpoint (rank 0)'}; rerun the same "
+            "command (same trainer.exp_result_path) to resume", signal_name=signal_name,
+        )
+
+    def finish(self, final: dict[str, float | int], evaluate: Evaluate | None) -> dict[str, float | int]:
+        """The final metrics: the last log line's (or the steps' since, when the stream ended between log lines),
+        throughput, and the final evaluation; rank 0 writes them to metrics.json."""
+        if self.state.window.n_tokens:
+            final = self.state.window_summary(self.cfg.dead_feature_window)
+            final.update(n_training_tokens=self.state.tokens_seen)
+        final["tokens_per_second"] = self.progress.tokens_per_second
+        final["world_size"] = self.world
+        if evaluate is not None and self.main:
+            downstream = evaluate(self.sae)
+            self.log_eval(downstream, int(final.get("step", self.plan.total_steps)))
             final.update({k: v for k, v in downstream.items() if v is not None})
-        if main:
-            write_json_atomic(run_dir / METRICS_FILE, final)
+        if self.main:
+            write_json_atomic(self.run_dir / METRICS_FILE, final)
         return final
 
 
@@ -300,99 +367,31 @@ class _PreemptionSignals:
         self._previous.clear()
 
 
-class _State:
-    """The counters a checkpoint must hold besides the weights and the optimizer."""
-
-    def __init__(self, d_sae: int, device: str) -> None:
-        self.step = 0
-        self.tokens_seen = 0
-        self.tokens_since_fired_S = torch.zeros(d_sae, dtype=torch.long, device=device)
-        self.window = _Window(d_sae, device)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        w = self.window
-        return {
-            "state.tokens_since_fired": self.tokens_since_fired_S,
-            "state.window_fired": w.fired_S,
-            "state.window_sums": torch.tensor([w.n_tokens, *w.sums.values()], dtype=torch.float64),
-            "rng.torch": torch.get_rng_state(),
-            **({"rng.cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}),
-        }
-
-    def load(self, checkpoint: Checkpoint) -> None:
-        t, device = checkpoint.tensors, self.tokens_since_fired_S.device
-        self.step, self.tokens_seen = int(checkpoint.meta["step"]), int(checkpoint.meta["tokens_seen"])
-        self.tokens_since_fired_S = t["state.tokens_since_fired"].to(device)
-        self.window.fired_S = t["state.window_fired"].to(device)
-        n_tokens, *sums = t["state.window_sums"].tolist()
-        self.window.n_tokens = int(n_tokens)
-        self.window.sums = dict(zip(self.window.sums, sums))
-        torch.set_rng_state(t["rng.torch"])
-        if "rng.cuda" in t and torch.cuda.is_available():
-            torch.cuda.set_rng_state(t["rng.cuda"])
+def _lr_scheduler(optimizer: torch.optim.Optimizer, plan: TrainingPlan, step: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """`lr_factor` as a scheduler, at `step` (a resumed run's): the schedule is a pure function of the step, so
+    it is replayed."""
+    factor = functools.partial(lr_factor, total=plan.total_steps, warm=plan.lr_warm_up, cool=plan.lr_cool_down)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    with warnings.catch_warnings():  # stepping the schedule without optimizer steps is intended here
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(step):
+            scheduler.step()
+    return scheduler
 
 
-def _log_eval(result: dict[str, float | None], step: int, progress: TokenProgress, wandb_run: Any | None) -> None:
-    progress.log({f"eval/{k}": v for k, v in result.items()})
-    if wandb_run is not None:
-        wandb_run.log({f"eval/{k}": v for k, v in result.items() if v is not None}, step=step)
+def _peek_batch_size(stream: Iterator[ActivationBatch]) -> tuple[Iterator[ActivationBatch], int]:
+    """The stream with its first batch put back, and the global batch size (all ranks' rows of it)."""
+    first = next(stream, None)
+    n_first = torch.tensor([0 if first is None else len(first["tokens"]), int(first is None)])
+    batch_size, n_empty = (int(v) for v in distributed.all_reduce_sum(n_first).tolist())
+    if first is None or n_empty:  # every rank raises, rather than wait for the one that did
+        raise EmptyActivationStream()
+    return itertools.chain([first], stream), batch_size
 
 
-def _chain_first(first: ActivationBatch, rest: Iterator[ActivationBatch]) -> Iterator[ActivationBatch]:
-    yield first
-    yield from rest
-
-
-_TOTALS = ("n", "mse", "sparsity_loss", "aux_k_loss", "l0", "diverged", "preempted")
-"""The scalars at the head of a step's totals: the row count, the step metrics times rows, and two flags."""
-
-
-@torch.no_grad()
-def _step_totals(out: SAELoss, n: int, d_sae: int, preempted: bool) -> torch.Tensor:
-    """This rank's step as one float64 vector of sums over its rows, so that one all-reduce makes it the global
-    batch's: the `_TOTALS` scalars, explained_variance_sums (d_model + 2), then the (d_sae,) firing counts."""
-    means = torch.stack([out.mse.double(), out.sparsity.double(), out.aux_k.double(), out.l0().double()])
-    flags = torch.stack([(~torch.isfinite(out.loss)).double(), means.new_tensor(float(preempted))])
-    scalars = torch.cat([means.new_tensor([float(n)]), means * n, flags])
-    ev_sums = metrics.explained_variance_sums(out.target_BD, out.reconstruction_BD)
-    return torch.cat([scalars, ev_sums, out.firing_counts(d_sae).double()])
-
-
-class _StepTotals:
-    """A step's totals over the global batch (after the all-reduce), read back."""
-
-    def __init__(self, totals: torch.Tensor, d_model: int) -> None:
-        self.scalars = dict(zip(_TOTALS, totals[: len(_TOTALS)].tolist()))
-        self.ev_sums = totals[len(_TOTALS) : len(_TOTALS) + d_model + 2]
-        self.fired_S = totals[len(_TOTALS) + d_model + 2 :].long()
-        self.diverged, self.preempted = self.scalars["diverged"] > 0, self.scalars["preempted"] > 0
-
-
-class _Window:
-    """Token-weighted sums of the step metrics between two log lines."""
-
-    def __init__(self, d_sae: int, device: str) -> None:
-        self.n_tokens = 0
-        self.sums = {"mse": 0.0, "sparsity_loss": 0.0, "aux_k_loss": 0.0, "explained_variance": 0.0, "l0": 0.0}
-        self.fired_S = torch.zeros(d_sae, dtype=torch.long, device=device)
-
-    def add(self, totals: _StepTotals) -> torch.Tensor:
-        """Accumulate one step; return its (d_sae,) firing counts."""
-        n = int(totals.scalars["n"])
-        self.n_tokens += n
-        for key in ("mse", "sparsity_loss", "aux_k_loss", "l0"):
-            self.sums[key] += totals.scalars[key]
-        self.sums["explained_variance"] += metrics.explained_variance_from_sums(totals.ev_sums, n) * n
-        self.fired_S += totals.fired_S
-        return totals.fired_S
-
-    def summary(self, tokens_since_fired_S: torch.Tensor, dead_window: int) -> dict[str, float | int]:
-        result: dict[str, float | int] = {k: v / self.n_tokens for k, v in self.sums.items()}
-        d_sae = len(self.fired_S)
-        n_dead = int((tokens_since_fired_S >= dead_window).sum())
-        result["dead_fraction"] = n_dead / d_sae
-        result["n_dead"] = n_dead
-        result["n_dense"] = int((self.fired_S > DENSE_FREQUENCY * self.n_tokens).sum())
-        if not all(math.isfinite(float(v)) for v in result.values()):
-            raise FloatingPointError(f"non-finite training metrics: {result}")
-        return result
+def _next_batch(batches: Iterator[ActivationBatch]) -> tuple[ActivationBatch | None, int]:
+    """This rank's next batch and the global batch's row count; None on every rank once any rank's share ended."""
+    batch = next(batches, None)
+    n = 0 if batch is None else len(batch["tokens"])
+    n_global, n_ended = distributed.all_reduce_sum(torch.tensor([n, int(batch is None)])).tolist()
+    return (None if n_ended else batch), int(n_global)

@@ -108,8 +108,9 @@ def cache_vs_on_the_fly(device: str, n_tokens: int) -> tuple[float, float, float
     """(generate, train from the cache, train on the fly) tokens/s: `lm-saes train +sae=relu_8x` settings on the
     embedded SmolLM2 and built-in corpus, differing only in the source. Training tokens/s is the trainer's own
     (after the initializer), so on the fly it includes the model's forward passes and from the cache the reads."""
-    from lm_saes.cli_config import compose_single_run, settings_from_config
-    from lm_saes.evaluator import tokens_read_by_training
+    from lm_saes.cli.compose import compose_single_run
+    from lm_saes.cli.verbs import settings_from_config
+    from lm_saes.runners.held_out import tokens_read_by_training
 
     with tempfile.TemporaryDirectory() as tmp:
         overrides = ["+sae=relu_8x", f"trainer.total_training_tokens={n_tokens}", f"device={device}"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,3 +86,43 @@ def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in synthetic_documents(600, seed=1)))
     return path
+
+
+# --- the real command line, and a finished run for the verbs that read one ----------------------------------
+
+HOOK = "blocks.0.hook_resid_post"
+
+
+def tiny_overrides(tiny_model_dir: Path, corpus_file: Path, run_dir: Path) -> list[str]:
+    return [
+        f"model.model_name={tiny_model_dir}",
+        f"dataset.dataset_name_or_path={corpus_file}",
+        f"sae.hook_point_in={HOOK}",
+        "sae.expansion_factor=4",
+        "activation_factory.batch_size=256",
+        "activation_factory.buffer_size=1024",
+        "activation_factory.context_size=32",
+        "trainer.total_training_tokens=2560",
+        "trainer.log_frequency=5",
+        f"hydra.run.dir={run_dir}",
+    ]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    return subprocess.run([sys.executable, "-m", "lm_saes", *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def train_tiny_run(tiny_model_dir: Path, corpus_file: Path, run_dir: Path) -> Path:
+    """A finished tiny training run through the real CLI, for the verbs that read a run directory."""
+    result = run_cli("train", "+sae=relu_8x", *tiny_overrides(tiny_model_dir, corpus_file, run_dir), "trainer.lr=3e-3")
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model_dir: Path, corpus_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished tiny run, one per test module: the verbs write into it, and each module's tests check
+    exactly which files its own verbs added."""
+    # A space in the name: the positional run directory must survive Hydra's parser.
+    return train_tiny_run(tiny_model_dir, corpus_file, tmp_path_factory.mktemp("run") / "a run")

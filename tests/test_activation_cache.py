@@ -30,10 +30,10 @@ from lm_saes.activation import ActivationStream
 from lm_saes.activation.cache import MANIFEST_FILE, iter_cache_rows, read_manifest
 from lm_saes.cli import main
 from lm_saes.errors import UserInputError
-from lm_saes.evaluator import held_out_plan
+from lm_saes.runners.held_out import held_out_plan
 from lm_saes.runners.train import check_activation_caches
 from lm_saes.trainer import Preempted
-from tests.test_cli import run_cli, tiny_overrides
+from tests.conftest import run_cli, tiny_overrides
 from tests.test_train_api import HOOK, _settings
 
 SHARD_SIZE = 3000

@@ -8,13 +8,7 @@ from pathlib import Path
 import pytest
 
 from lm_saes.cli import main
-from tests.test_cli import run_cli, train_tiny_run
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tiny_model_dir, corpus_file, tmp_path_factory) -> Path:
-    # A space in the name: the positional run directory must survive Hydra's parser.
-    return train_tiny_run(tiny_model_dir, corpus_file, tmp_path_factory.mktemp("analyze") / "a run")
+from tests.conftest import run_cli
 
 
 @pytest.mark.slow

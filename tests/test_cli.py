@@ -11,28 +11,7 @@ from pathlib import Path
 import pytest
 
 from lm_saes.cli import main
-
-HOOK = "blocks.0.hook_resid_post"
-
-
-def tiny_overrides(tiny_model_dir: Path, corpus_file: Path, run_dir: Path) -> list[str]:
-    return [
-        f"model.model_name={tiny_model_dir}",
-        f"dataset.dataset_name_or_path={corpus_file}",
-        f"sae.hook_point_in={HOOK}",
-        "sae.expansion_factor=4",
-        "activation_factory.batch_size=256",
-        "activation_factory.buffer_size=1024",
-        "activation_factory.context_size=32",
-        "trainer.total_training_tokens=2560",
-        "trainer.log_frequency=5",
-        f"hydra.run.dir={run_dir}",
-    ]
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    return subprocess.run([sys.executable, "-m", "lm_saes", *args], capture_output=True, text=True, env=env, timeout=300)
+from tests.conftest import run_cli, tiny_overrides
 
 
 def test_help_lists_verbs_without_importing_torch() -> None:
@@ -174,19 +153,6 @@ EVAL_KEYS = {
     "l0", "l1", "dead_fraction", "dense_fraction", "firing_frequency_histogram",
     "ce_loss_clean", "ce_loss_sae", "ce_loss_ablated", "ce_loss_score", "kl_div_sae", "kl_div_ablated", "kl_div_score",
 }
-
-
-def train_tiny_run(tiny_model_dir: Path, corpus_file: Path, run_dir: Path) -> Path:
-    """A finished tiny training run through the real CLI, for the verbs that read a run directory."""
-    result = run_cli("train", "+sae=relu_8x", *tiny_overrides(tiny_model_dir, corpus_file, run_dir), "trainer.lr=3e-3")
-    assert result.returncode == 0, result.stderr
-    return run_dir
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tiny_model_dir, corpus_file, tmp_path_factory) -> Path:
-    # A space in the name: the positional run directory must survive Hydra's parser.
-    return train_tiny_run(tiny_model_dir, corpus_file, tmp_path_factory.mktemp("eval") / "a run")
 
 
 @pytest.mark.slow

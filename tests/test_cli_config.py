@@ -3,7 +3,8 @@
 import pytest
 
 from lm_saes import TrainSAESettings
-from lm_saes.cli_config import ConfigError, compose_single_run, group_options, settings_from_config
+from lm_saes.cli.compose import ConfigError, compose_single_run, group_options
+from lm_saes.cli.verbs import settings_from_config
 
 
 @pytest.mark.parametrize("model", group_options("model"))

@@ -40,7 +40,7 @@ from lm_saes.errors import UserInputError
 from lm_saes.runners.generate import generate_activations
 from lm_saes.trainer import Preempted, TrainingDiverged
 from tests.test_activation_cache import _cache_settings, _generate_settings
-from tests.test_cli import tiny_overrides
+from tests.conftest import tiny_overrides
 from tests.test_train_api import HOOK, _factory_cfg, _settings
 from tests.test_trainer import planted_stream
 

@@ -7,7 +7,8 @@ import torch
 
 from lm_saes import SAEConfig, SparseAutoEncoder
 from lm_saes.activation.packing import pack_documents
-from lm_saes.evaluator import Evaluator, EvaluatorConfig, held_out_contexts
+from lm_saes.evaluator import Evaluator, EvaluatorConfig
+from lm_saes.runners.held_out import held_out_contexts
 from tests.conftest import synthetic_documents
 
 HOOK = "blocks.0.hook_resid_post"

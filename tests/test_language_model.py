@@ -57,7 +57,8 @@ def test_config_rejects_bad_device_and_dtype() -> None:
 
 
 def test_pythia_preset_loads_from_a_local_folder(tmp_path) -> None:
-    from lm_saes.cli_config import compose_single_run, settings_from_config
+    from lm_saes.cli.compose import compose_single_run
+    from lm_saes.cli.verbs import settings_from_config
 
     folder = save_tiny_model(tmp_path / "pythia-like", architecture="gpt_neox")
     cfg = compose_single_run(["+sae=relu_8x", "model=pythia_160m", f"model.model_name={folder}",

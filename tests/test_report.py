@@ -11,7 +11,7 @@ import pytest
 
 from lm_saes.cli import main
 from lm_saes.report import find_jobs, varying_keys
-from tests.test_cli import run_cli, tiny_overrides
+from tests.conftest import run_cli, tiny_overrides
 
 
 def _fake_job(root: Path, num: int, overrides: list[str], status: str, metrics: dict | None, act_fn: str) -> None:

@@ -21,8 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from lm_saes.report import find_jobs
-from tests.conftest import synthetic_documents
-from tests.test_cli import run_cli, tiny_overrides
+from tests.conftest import run_cli, synthetic_documents, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_SCRIPT = ROOT / "scripts" / "slurm_cluster.sh"

@@ -110,12 +110,14 @@ class ActivationFactory:
         state: dict[str, torch.Tensor] | None = None,
         rank: int = 0,
         world_size: int = 1,
+        caches: Mapping[int, CacheManifest] | None = None,
     ) -> "ActivationStream":
         """Stream batches of activations. `model_name` labels the stream; it is not loaded.
 
         `model` may be None when every source is an activation cache. `state` is a stream's `state_dict()`:
         the stream then continues exactly where that one was. With `world_size` > 1 (data-parallel training)
-        this is rank `rank`'s share of the stream: see `ActivationStream`.
+        this is rank `rank`'s share of the stream: see `ActivationStream`. `caches` are the activation-cache
+        sources' manifests from `caches()`, when the caller has read them already.
         """
         datasets = datasets or {}
         names = [s.name for s in self.cfg.sources if isinstance(s, ActivationFactoryDatasetSource)]
@@ -124,21 +126,28 @@ class ActivationFactory:
             raise KeyError(f"activation_factory.sources name datasets {missing} not given; have {sorted(datasets)}")
         if names and model is None:
             raise ValueError(f"activation_factory.sources read datasets {names}: they need a model")
-        return ActivationStream(self.cfg, model, datasets, state, self.caches(), rank=rank, world_size=world_size)
+        caches = self.caches() if caches is None else caches
+        return ActivationStream(self.cfg, model, datasets, state, caches, rank=rank, world_size=world_size)
 
     def caches(self) -> dict[int, CacheManifest]:
         """The manifest of each activation-cache source, by source index, once each is checked: it exists,
         is complete, and holds every hook point asked for. Raises a one-line UserInputError otherwise."""
         caches = {}
+        hook_keys = dict.fromkeys(self.cfg.hook_points, "activation_factory.hook_points")
         for i, source in enumerate(self.cfg.sources):
             if isinstance(source, ActivationFactoryActivationsSource):
-                manifest = read_manifest(source.path, f"activation_factory.sources.{i}.path")
-                for hook in self.cfg.hook_points:
-                    if hook not in manifest.hook_points:
-                        raise UserInputError("activation_factory.hook_points", hook, f"not in the activation cache "
-                                             f"{source.path}, which holds: {', '.join(manifest.hook_points)}")
-                caches[i] = manifest
+                caches[i] = read_manifest(source.path, f"activation_factory.sources.{i}.path")
+                check_cache_hook_points(caches[i], source.path, hook_keys)
         return caches
+
+
+def check_cache_hook_points(manifest: CacheManifest, path: str, hook_keys: Mapping[str, str]) -> None:
+    """That the cache at `path` holds every hook point of `hook_keys`, which maps each, in the order to check
+    them, to the key a one-line UserInputError names it by."""
+    for hook, key in hook_keys.items():
+        if hook not in manifest.hook_points:
+            raise UserInputError(key, hook, f"not in the activation cache {path}, which holds: "
+                                 f"{', '.join(manifest.hook_points)}")
 
 
 class ActivationStream:

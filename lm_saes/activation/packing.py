@@ -35,6 +35,18 @@ def pack_documents(
     # The ragged tail is dropped: a padded context would spend positions on nothing.
 
 
+def batch_contexts(contexts: Iterable[torch.Tensor], size: int) -> Iterator[torch.Tensor]:
+    """(B, T) stacks of `size` consecutive (T,) contexts (the last may hold fewer), read lazily."""
+    batch: list[torch.Tensor] = []
+    for context_T in contexts:
+        batch.append(context_T)
+        if len(batch) == size:
+            yield torch.stack(batch)
+            batch = []
+    if batch:
+        yield torch.stack(batch)
+
+
 def _chunks(texts: Iterable[str], size: int) -> Iterator[list[str]]:
     chunk: list[str] = []
     for text in texts:

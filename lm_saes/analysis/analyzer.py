@@ -12,13 +12,14 @@ Latents that never fired are listed as dead and left empty.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from pydantic import Field
 
+from lm_saes.activation.packing import batch_contexts
 from lm_saes.analysis.logit_effects import final_norm_weight, logit_effects, not_applicable_reason
 from lm_saes.analysis.top_examples import ExampleReservoir, Window, context_candidates
 from lm_saes.config_base import BaseConfig
@@ -122,28 +123,22 @@ class FeatureAnalyzer:
 
         The SAE runs in inference mode (BatchTopK as its per-token JumpReLU), whatever mode it was in.
         """
-        with sae.inference():
-            return self._analyze(sae, model, contexts)
-
-    @torch.no_grad()
-    def _analyze(
-        self, sae: SparseAutoEncoder, model: TransformerLensLanguageModel, contexts: Iterable[torch.Tensor]
-    ) -> FeatureAnalysis:
         hook = sae.cfg.hook_point_in
         state = self.state = AnalysisState(sae.cfg.d_sae, self.cfg)
-        for tokens_BT in _batches(contexts, self.cfg.model_batch_size):
-            if state.n_tokens >= self.cfg.n_tokens:
-                break
-            out = model.run_hooks(tokens_BT, [hook])
-            mask_BT = out.mask_BT
-            x_ND = out.activations[hook][mask_BT].to(sae.cfg.device, sae.cfg.dtype)
-            # BOS/EOS/padding keep zero latents: the SAE never saw them, and BOS's huge norm would top every list.
-            latents_BTS = torch.zeros(*mask_BT.shape, sae.cfg.d_sae)
-            latents_BTS[mask_BT.cpu()] = sae.encode(x_ND).float().cpu()
-            state.add(latents_BTS, mask_BT.cpu(), out.tokens_BT.cpu())
-        if state.n_tokens == 0:
-            raise ValueError("the contexts hold no text tokens to analyse")
-        return self._result(sae, model, state)
+        with sae.inference(), torch.no_grad():
+            for tokens_BT in batch_contexts(contexts, self.cfg.model_batch_size):
+                if state.n_tokens >= self.cfg.n_tokens:
+                    break
+                out = model.run_hooks(tokens_BT, [hook])
+                mask_BT = out.mask_BT
+                x_ND = out.activations[hook][mask_BT].to(sae.cfg.device, sae.cfg.dtype)
+                # BOS/EOS/padding keep zero latents: the SAE never saw them; BOS's huge norm would top every list.
+                latents_BTS = torch.zeros(*mask_BT.shape, sae.cfg.d_sae)
+                latents_BTS[mask_BT.cpu()] = sae.encode(x_ND).float().cpu()
+                state.add(latents_BTS, mask_BT.cpu(), out.tokens_BT.cpu())
+            if state.n_tokens == 0:
+                raise ValueError("the contexts hold no text tokens to analyse")
+            return self._result(sae, model, state)
 
     def _result(self, sae: SparseAutoEncoder, model: TransformerLensLanguageModel, state: AnalysisState) -> FeatureAnalysis:
         n = state.n_tokens
@@ -181,14 +176,3 @@ class FeatureAnalyzer:
         result = FeatureAnalysis(tensors, info)
         result.info["dead_latents"] = result.dead_latents
         return result
-
-
-def _batches(contexts: Iterable[torch.Tensor], size: int) -> Iterator[torch.Tensor]:
-    batch: list[torch.Tensor] = []
-    for context_T in contexts:
-        batch.append(context_T)
-        if len(batch) == size:
-            yield torch.stack(batch)
-            batch = []
-    if batch:
-        yield torch.stack(batch)

@@ -1,7 +1,7 @@
 """The analyze runner: a finished run directory -> held-out contexts -> FeatureAnalyzer -> RUN_DIR/analysis/.
 
-`analyze_run(settings)` is what `lm-saes analyze RUN_DIR` calls. The contexts are the run's own corpus past
-everything training could have read (as for `lm-saes evaluate`), or another corpus from its start.
+`analyze_run(settings)` is what `lm-saes analyze RUN_DIR` calls. The contexts are held-out text as for
+`lm-saes evaluate` (see `held_out.py`), or another corpus from its start.
 """
 
 from __future__ import annotations
@@ -11,19 +11,14 @@ import time
 from pathlib import Path
 
 from lm_saes.analysis import AnalysisConfig, FeatureAnalysis, FeatureAnalyzer, save_analysis
-from lm_saes.config_base import BaseConfig, Device
-from lm_saes.datasets import DatasetConfig
-from lm_saes.runners.evaluate import load_held_out_run, load_run_settings
+from lm_saes.runners.held_out import HeldOutRunSettings, load_held_out_run
+from lm_saes.runners.run_loading import load_run_settings
 
 
-class AnalyzeSettings(BaseConfig):
-    run_dir: str
-    """A finished training run directory (status.json says ok); the analysis is written into RUN_DIR/analysis/."""
+class AnalyzeSettings(HeldOutRunSettings):
+    """The analysis is written into RUN_DIR/analysis/."""
+
     analysis: AnalysisConfig = AnalysisConfig()
-    device: Device | None = None
-    """Where the model and the SAE run; None means the run's model.device."""
-    dataset: DatasetConfig | None = None
-    """Analyse another corpus (from its start); None means the run's first dataset, past what training read."""
 
 
 def analyze_run(settings: AnalyzeSettings) -> FeatureAnalysis:
@@ -35,8 +30,7 @@ def analyze_run(settings: AnalyzeSettings) -> FeatureAnalysis:
     context_size = cfg.context_size or train.activation_factory.context_size
     # Each context holds at most context_size - 1 text tokens (one BOS); one batch more covers EOS separators.
     n_contexts = math.ceil(cfg.n_tokens / (context_size - 1)) + cfg.model_batch_size
-    run = load_held_out_run(run_dir, train, settings.device, settings.dataset, cfg.skip_tokens, context_size,
-                            n_contexts, "analysis", "analyse")
+    run = load_held_out_run(settings, train, cfg.skip_tokens, context_size, n_contexts, "analysis", "analyse")
     model, dataset_cfg, skip = run.model, run.dataset_cfg, run.skip_tokens
     result = FeatureAnalyzer(cfg).analyze(run.sae, model, run.contexts)
     result.info.update(run_dir=str(run_dir), dataset=dataset_cfg.dataset_name_or_path, skip_tokens=skip,

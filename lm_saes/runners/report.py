@@ -10,6 +10,7 @@ from rich.table import Table
 
 from lm_saes.config_base import BaseConfig
 from lm_saes.errors import UserInputError
+from lm_saes.formatting import format_value
 from lm_saes.report import METRIC_COLUMNS, JobRow, find_jobs, plot_frontier, to_csv, varying_keys
 from lm_saes.run_dir import atomic_path, write_text_atomic
 
@@ -47,11 +48,7 @@ def _table(rows: list[JobRow], sweep_dir: Path) -> Table:
     for col in ("job", "status", *keys, *metrics):
         table.add_column(col, justify="right" if col in metrics else "left")
     for r in rows:
-        values = [_fmt(r.metrics[k]) if k in r.metrics else "" for k in metrics]
+        values = [format_value(r.metrics[k]) if k in r.metrics else "" for k in metrics]
         status = "[green]ok[/]" if r.status == "ok" else f"[red]{r.status}[/]"
         table.add_row(r.job, status, *(r.overrides.get(k, "") for k in keys), *values)
     return table
-
-
-def _fmt(value: float) -> str:
-    return f"{value:,}" if float(value).is_integer() and abs(value) >= 1000 else f"{value:.4g}"

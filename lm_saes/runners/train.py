@@ -24,10 +24,11 @@ from lm_saes.activation import (
     ActivationFactoryDatasetSource,
 )
 from lm_saes.activation.cache import CacheManifest, read_manifest
+from lm_saes.activation.factory import check_cache_hook_points
 from lm_saes.config_base import BaseConfig, check_device_available
 from lm_saes.datasets import DatasetConfig, load_dataset
-from lm_saes.errors import UserInputError
-from lm_saes.evaluator import training_evaluation
+from lm_saes.errors import EmptyActivationStream, UserInputError
+from lm_saes.runners.held_out import training_evaluation
 from lm_saes.initializer import Initializer, InitializerConfig
 from lm_saes.language_model import LanguageModelConfig, TransformerLensLanguageModel
 from lm_saes.checkpoint import (
@@ -64,6 +65,20 @@ class TrainSAESettings(BaseConfig):
     sae_series: str = "default"
     """A group of related runs (the wandb group)."""
     wandb: WandbConfig = WandbConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_hook_points(cls, data: Any) -> Any:
+        """activation_factory.hook_points, when absent or None, are the SAE's: hook_point_in, and hook_point_out
+        for a transcoder (the factory itself requires them)."""
+        if not isinstance(data, dict) or not isinstance(data.get("activation_factory"), dict):
+            return data
+        factory, sae = data["activation_factory"], data.get("sae")
+        if factory.get("hook_points") is not None or sae is None:
+            return data
+        get = sae.get if isinstance(sae, dict) else lambda key: getattr(sae, key, None)
+        hooks = list(dict.fromkeys(h for h in (get("hook_point_in"), get("hook_point_out")) if h))
+        return {**data, "activation_factory": {**factory, "hook_points": hooks}}
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainSAESettings":
@@ -129,14 +144,16 @@ def _train(settings: TrainSAESettings) -> SparseAutoEncoder:
         model = TransformerLensLanguageModel(settings.model) if names or settings.trainer.eval_frequency else None
         sae_cfg = _resolve_sae_config(settings.sae, model, caches)
         if model is not None:
-            model.check_hook_points(settings.activation_factory.hook_points, "activation_factory.hook_points")
+            for hook, key in hook_point_keys(settings).items():
+                model.check_hook_points([hook], key)
             model.check_context_size(settings.activation_factory.context_size, "activation_factory.context_size")
         stream_state = checkpoint.section(stream_section(rank, world)) \
             if checkpoint and checkpoint.meta.get("has_stream_state") else None
-        evaluate = training_evaluation(settings, model, datasets, world) if settings.trainer.eval_frequency else None
+        evaluate = training_evaluation(settings, model, datasets, world, caches) \
+            if settings.trainer.eval_frequency else None
         stream = ActivationFactory(settings.activation_factory).process(
             model=model, model_name=settings.resolved_model_name, datasets=datasets, state=stream_state,
-            rank=rank, world_size=world,
+            rank=rank, world_size=world, caches=caches,
         )
         if checkpoint is not None:
             sae = SparseAutoEncoder(sae_cfg)  # the trainer loads the checkpoint's weights
@@ -144,11 +161,9 @@ def _train(settings: TrainSAESettings) -> SparseAutoEncoder:
         else:
             try:
                 sae = Initializer(settings.initializer).initialize_sae_from_config(sae_cfg, activation_stream=stream)
-            except ValueError as e:
-                if "stream is empty" in str(e):
-                    corpora = ", ".join(d.dataset_name_or_path for d in settings.datasets.values())
-                    raise UserInputError("datasets", corpora, "the corpus is empty: it gave no text tokens") from None
-                raise
+            except EmptyActivationStream:
+                corpora = ", ".join(d.dataset_name_or_path for d in settings.datasets.values())
+                raise UserInputError("datasets", corpora, "the corpus is empty: it gave no text tokens") from None
             distributed.broadcast_module_(sae)  # every rank starts from rank 0's initialization
         if main:
             sae.cfg.save_hyperparameters(run_dir)
@@ -236,30 +251,40 @@ def _as_dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {"": value}
 
 
+def hook_point_keys(settings: TrainSAESettings) -> dict[str, str]:
+    """Every hook point the run reads, with the key an error names it by: the SAE's own first, as
+    sae.hook_point_in/out (the CLI copies them into activation_factory.hook_points, but the user typed them
+    there), then the factory's others. TrainSAESettings checks that the SAE's are among the factory's, so
+    checking these against the model, and against each cache, checks every hook point once."""
+    keys = {settings.sae.hook_point_in: "sae.hook_point_in"}
+    keys.setdefault(settings.sae.hook_point_target, "sae.hook_point_out")
+    for hook in settings.activation_factory.hook_points:
+        keys.setdefault(hook, "activation_factory.hook_points")
+    return keys
+
+
 def check_activation_caches(settings: TrainSAESettings) -> dict[int, CacheManifest]:
     """The manifests of the run's activation-cache sources, by source index, checked against the settings:
-    each is complete, of the same model, and holds the SAE's hook points (else a one-line UserInputError).
-    Reads only the manifests: the CLI's pre-check runs it too."""
-    for i, source in enumerate(settings.activation_factory.sources):
+    each is complete, of the same model, holds the run's hook points, and has its context size and d_model
+    (else a one-line UserInputError). Reads only the manifests: the CLI's pre-check runs it too."""
+    factory, caches = settings.activation_factory, {}
+    for i, source in enumerate(factory.sources):
         if not isinstance(source, ActivationFactoryActivationsSource):
             continue
-        manifest = read_manifest(source.path, f"activation_factory.sources.{i}.path")
+        manifest = caches[i] = read_manifest(source.path, f"activation_factory.sources.{i}.path")
         if not _same_model(manifest.model_name, settings.model.model_name):
             raise UserInputError("model.model_name", settings.model.model_name, f"the activation cache {source.path} "
                                  f"holds activations of {manifest.model_name}; train with model.model_name={manifest.model_name}")
-        for key, hook in (("sae.hook_point_in", settings.sae.hook_point_in), ("sae.hook_point_out", settings.sae.hook_point_target)):
-            if hook not in manifest.hook_points:
-                raise UserInputError(key, hook, f"not in the activation cache {source.path}, which holds: "
-                                     f"{', '.join(manifest.hook_points)}")
-        if manifest.context_size != settings.activation_factory.context_size:
+        check_cache_hook_points(manifest, source.path, hook_point_keys(settings))
+        if manifest.context_size != factory.context_size:
             # Training would not mind, but evaluate and analyze read held-out text in contexts of this size.
-            raise UserInputError("activation_factory.context_size", settings.activation_factory.context_size,
+            raise UserInputError("activation_factory.context_size", factory.context_size,
                                  f"the activation cache {source.path} was made with context_size {manifest.context_size}; "
                                  f"train with activation_factory.context_size={manifest.context_size}")
         if settings.sae.d_model is not None and settings.sae.d_model != manifest.d_model:
             raise UserInputError("sae.d_model", settings.sae.d_model,
                                  f"does not match the activation cache's d_model ({manifest.d_model})")
-    return ActivationFactory(settings.activation_factory).caches()  # and the factory's own hook points
+    return caches
 
 
 def _same_model(a: str, b: str) -> bool:
@@ -270,13 +295,11 @@ def _same_model(a: str, b: str) -> bool:
 def _resolve_sae_config(cfg: SAEConfig, model: TransformerLensLanguageModel | None,
                         caches: dict[int, CacheManifest]) -> SAEConfig:
     """Fill d_model from the model (or, without one, from the activation caches, which
-    check_activation_caches has matched to the settings), or check it; check the SAE's hook points exist."""
+    check_activation_caches has matched to the settings), or check it."""
     if model is None:
         return cfg.model_copy(update={"d_model": next(iter(caches.values())).d_model})
     if cfg.d_model is not None and cfg.d_model != model.d_model:
         raise UserInputError("sae.d_model", cfg.d_model, f"does not match the model's d_model ({model.d_model})")
-    model.check_hook_points([cfg.hook_point_in], "sae.hook_point_in")
-    model.check_hook_points([cfg.hook_point_target], "sae.hook_point_out")
     return cfg.model_copy(update={"d_model": model.d_model})
 
 

@@ -1,7 +1,8 @@
 """Activation functions, one registry keyed by `SAEConfig.act_fn`.
 
-Each one maps pre-activations to latents and declares its own sparsity penalty, so the trainer never
-changes when a variant is added:
+Each one maps pre-activations to latents and declares what the SAE and the trainer ask of it (its sparsity
+penalty, the most latents it selects, a sparse training path, parameters with a learning rate of their own),
+so that adding a variant changes neither the model nor the trainer:
 
 | act_fn    | latents                                   | sparsity penalty (x trainer.l1_coefficient) |
 |-----------|-------------------------------------------|---------------------------------------------|
@@ -14,12 +15,13 @@ changes when a variant is added:
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from lm_saes import distributed
+from lm_saes.sae.sparse_topk import sparse_topk_encode
 
 if TYPE_CHECKING:
     from lm_saes.sae.config import SAEConfig
@@ -40,6 +42,24 @@ class ActivationFunction(nn.Module):
 
     def set_progress(self, fraction: float) -> None:
         """Told the fraction of training done before each step (for schedules such as k annealing)."""
+
+    @classmethod
+    def max_k(cls, cfg: "SAEConfig") -> int | None:
+        """The most latents per token it ever selects (sae.top_k, checked against d_sae when the SAE is built);
+        None when it selects no fixed number."""
+        return None
+
+    def sparse_encode(
+        self, x_BD: torch.Tensor, W_E_DS: torch.Tensor, b_E_S: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The training path that never forms the dense latents: (values, indices), each (batch, k), of the
+        selected latents, with no sparsity penalty. None (the default): train on the dense latents."""
+        return None
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        """Adam parameter groups for those of its parameters that learn at a rate of their own (its other
+        parameters, and the SAE's, learn at `lr`)."""
+        return []
 
 
 class ReLU(ActivationFunction):
@@ -67,6 +87,15 @@ class TopK(ActivationFunction):
             t = min(fraction / span, 1.0)
             self.k = round(start + (end - start) * t)
 
+    @classmethod
+    def max_k(cls, cfg: "SAEConfig") -> int | None:
+        return max(cfg.top_k, cfg.top_k_initial or 0)
+
+    def sparse_encode(
+        self, x_BD: torch.Tensor, W_E_DS: torch.Tensor, b_E_S: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return sparse_topk_encode(x_BD, W_E_DS, b_E_S, self.k) if self.cfg.sparse_topk else None
+
     def select(self, pre_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, indices), each (batch, k): the kept latents, values after ReLU."""
         values_BK, indices_BK = pre_BS.topk(min(self.k, pre_BS.shape[-1]), dim=-1, sorted=False)
@@ -88,6 +117,11 @@ class BatchTopK(TopK):
         super().__init__(cfg)
         self.register_buffer("threshold", torch.zeros((), dtype=cfg.dtype, device=cfg.device))
         self.register_buffer("threshold_initialized", torch.zeros((), dtype=torch.bool, device=cfg.device))
+
+    def sparse_encode(
+        self, x_BD: torch.Tensor, W_E_DS: torch.Tensor, b_E_S: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None  # tokens share the batch's budget: there is no per-token k to select
 
     def forward(self, pre_BS: torch.Tensor) -> torch.Tensor:
         if not self.training:
@@ -116,40 +150,46 @@ class BatchTopK(TopK):
         return latents_BS
 
 
+def _save_for_kernel(ctx: Any, pre_BS: torch.Tensor, threshold_S: torch.Tensor, bandwidth: float) -> None:
+    ctx.save_for_backward(pre_BS, threshold_S)
+    ctx.bandwidth = bandwidth
+
+
+def _rectangle_kernel(ctx: Any, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(pre, theta, kernel): the straight-through estimate of the Dirac delta at the threshold, 1/eps where
+    |pre - theta| < eps/2 and 0 elsewhere (eps the bandwidth); d/dtheta of both functions below goes through it."""
+    pre_BS, threshold_S = ctx.saved_tensors
+    eps = ctx.bandwidth
+    return pre_BS, threshold_S, ((pre_BS - threshold_S).abs() < eps / 2).to(dtype) / eps
+
+
 class _JumpReLUFunction(torch.autograd.Function):
-    """pre * H(pre - theta); d/dtheta by a rectangle-kernel straight-through estimator."""
+    """pre * H(pre - theta); d/dtheta through the rectangle kernel."""
 
     @staticmethod
     def forward(ctx, pre_BS: torch.Tensor, threshold_S: torch.Tensor, bandwidth: float) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(pre_BS, threshold_S)
-        ctx.bandwidth = bandwidth
+        _save_for_kernel(ctx, pre_BS, threshold_S, bandwidth)
         return pre_BS * (pre_BS > threshold_S)
 
     @staticmethod
     def backward(ctx, grad_BS: torch.Tensor):  # type: ignore[override]
-        pre_BS, threshold_S = ctx.saved_tensors
-        eps = ctx.bandwidth
+        pre_BS, threshold_S, kernel_BS = _rectangle_kernel(ctx, grad_BS.dtype)
         grad_pre = grad_BS * (pre_BS > threshold_S)
-        kernel = ((pre_BS - threshold_S).abs() < eps / 2).to(grad_BS.dtype) / eps
-        grad_threshold = (-threshold_S * kernel * grad_BS).sum(dim=0)
-        return grad_pre, grad_threshold, None
+        return grad_pre, (-threshold_S * kernel_BS * grad_BS).sum(dim=0), None
 
 
 class _StepFunction(torch.autograd.Function):
-    """H(pre - theta); d/dtheta by the same rectangle kernel (for the L0 penalty)."""
+    """H(pre - theta), for the L0 penalty; d/dtheta through the same kernel."""
 
     @staticmethod
     def forward(ctx, pre_BS: torch.Tensor, threshold_S: torch.Tensor, bandwidth: float) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(pre_BS, threshold_S)
-        ctx.bandwidth = bandwidth
+        _save_for_kernel(ctx, pre_BS, threshold_S, bandwidth)
         return (pre_BS > threshold_S).to(pre_BS.dtype)
 
     @staticmethod
     def backward(ctx, grad_BS: torch.Tensor):  # type: ignore[override]
-        pre_BS, threshold_S = ctx.saved_tensors
-        eps = ctx.bandwidth
-        kernel = ((pre_BS - threshold_S).abs() < eps / 2).to(grad_BS.dtype) / eps
-        return None, (-kernel * grad_BS).sum(dim=0), None
+        _, _, kernel_BS = _rectangle_kernel(ctx, grad_BS.dtype)
+        return None, (-kernel_BS * grad_BS).sum(dim=0), None
 
 
 class JumpReLU(ActivationFunction):
@@ -166,6 +206,9 @@ class JumpReLU(ActivationFunction):
 
     def forward(self, pre_BS: torch.Tensor) -> torch.Tensor:
         return _JumpReLUFunction.apply(pre_BS, self.threshold_S, self.cfg.jumprelu_bandwidth)
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        return [{"params": [self.log_threshold], "lr": lr * self.cfg.jumprelu_lr_factor}]
 
     def sparsity_loss(self, pre_BS: torch.Tensor, latents_BS: torch.Tensor, decoder_norms_S: torch.Tensor) -> torch.Tensor:
         if self.cfg.jumprelu_sparsity == "l0":

@@ -14,9 +14,9 @@ from torch import nn
 
 from lm_saes import metrics
 from lm_saes.errors import UserInputError
-from lm_saes.sae.activation_functions import ActivationFunction, TopK, build_activation_function
+from lm_saes.sae.activation_functions import ACTIVATION_FUNCTIONS, ActivationFunction, build_activation_function
 from lm_saes.sae.config import SAEConfig
-from lm_saes.sae.sparse_topk import sparse_decode, sparse_topk_encode
+from lm_saes.sae.sparse_topk import sparse_decode
 
 WEIGHTS_FILE = "sae_weights.safetensors"
 
@@ -35,7 +35,7 @@ class SAELoss(NamedTuple):
     reconstruction_BD: torch.Tensor
     """The normalised reconstruction."""
     latents_BS: torch.Tensor | None
-    """Dense latents; None on the sparse TopK path, which has only the k active ones:"""
+    """Dense latents; None on a sparse path (e.g. TopK's), which has only the k active ones:"""
     top_values_BK: torch.Tensor | None = None
     top_indices_BK: torch.Tensor | None = None
 
@@ -65,8 +65,9 @@ class SparseAutoEncoder(nn.Module):
         self.cfg = cfg
         d_sae = cfg.d_sae  # raises if d_model was never resolved
         d_model = cfg.d_model
-        if cfg.act_fn in ("topk", "batchtopk") and max(cfg.top_k, cfg.top_k_initial or 0) > d_sae:
-            raise UserInputError("sae.top_k", max(cfg.top_k, cfg.top_k_initial or 0), f"must be at most d_sae ({d_sae})")
+        max_k = ACTIVATION_FUNCTIONS[cfg.act_fn].max_k(cfg)
+        if max_k is not None and max_k > d_sae:
+            raise UserInputError("sae.top_k", max_k, f"must be at most d_sae ({d_sae})")
         kw = {"dtype": cfg.dtype, "device": cfg.device}
         self.W_E = nn.Parameter(torch.empty(d_model, d_sae, **kw))
         self.b_E = nn.Parameter(torch.zeros(d_sae, **kw))
@@ -128,8 +129,9 @@ class SparseAutoEncoder(nn.Module):
         x_BD = x_in_BD * self.norm_factor_in
         af = self.activation_function
         values_BK = indices_BK = latents_BS = None
-        if type(af) is TopK and self.cfg.sparse_topk:
-            values_BK, indices_BK = sparse_topk_encode(x_BD, self.W_E, self.b_E, af.k)
+        sparse = af.sparse_encode(x_BD, self.W_E, self.b_E)
+        if sparse is not None:
+            values_BK, indices_BK = sparse
             reconstruction_BD = sparse_decode(values_BK, indices_BK, self.W_D) + self.b_D
             sparsity = x_BD.new_zeros(())
         else:
