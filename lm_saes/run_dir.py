@@ -8,6 +8,7 @@
 | metrics.json             | the runner (final metrics) |
 | status.json              | the runner: "running" at start, "ok"/"failed" last |
 | eval.json                | `lm-saes evaluate`, later |
+| traceback.txt            | `lm-saes`, when an error that is not the user's mistake ends a verb |
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from lm_saes.errors import RunDirectoryError, UserInputError
 STATUS_FILE = "status.json"
 METRICS_FILE = "metrics.json"
 RUN_CONFIG_FILE = "config.yaml"
+TRACEBACK_FILE = "traceback.txt"
+"""Where `lm-saes` puts the traceback of an error that was not the user's mistake (its one line names it)."""
 EVAL_FILE = "eval.json"
 
 

@@ -73,7 +73,7 @@ def run_verb(verb: str, args: list[str]) -> int:
     try:
         rank_overrides = _rank_overrides(multirun) if VERBS[verb].data_parallel else []
         if not other_flags:
-            precheck(verb, overrides, multirun)
+            overrides = precheck(verb, overrides, multirun)
     except ConfigError as e:
         print(f"lm-saes {verb}: {e}", file=sys.stderr)
         return 2

@@ -162,8 +162,7 @@ def _train(settings: TrainSAESettings) -> SparseAutoEncoder:
             try:
                 sae = Initializer(settings.initializer).initialize_sae_from_config(sae_cfg, activation_stream=stream)
             except EmptyActivationStream:
-                corpora = ", ".join(d.dataset_name_or_path for d in settings.datasets.values())
-                raise UserInputError("datasets", corpora, "the corpus is empty: it gave no text tokens") from None
+                raise _empty_stream_error(settings, datasets, model) from None
             distributed.broadcast_module_(sae)  # every rank starts from rank 0's initialization
         if main:
             sae.cfg.save_hyperparameters(run_dir)
@@ -192,6 +191,27 @@ def _train(settings: TrainSAESettings) -> SparseAutoEncoder:
     finally:
         if wandb_run is not None:
             wandb_run.finish()
+
+
+def _empty_stream_error(settings: TrainSAESettings, datasets: dict[str, Any],
+                        model: TransformerLensLanguageModel | None) -> UserInputError:
+    """Why the stream gave no batch: an empty corpus, or one shorter than a single context (only full contexts
+    are trained on). Counts the corpus's text tokens, which is cheap here: the stream has read all of it."""
+    name, dataset = next(iter(datasets.items()), (None, None))
+    if name is None or model is None:
+        return UserInputError("activation_factory.sources", [s.model_dump() for s in settings.activation_factory.sources],
+                              "the sources gave no activations")
+    key, path = f"datasets.{name}.dataset_name_or_path", settings.datasets[name].dataset_name_or_path
+    context_size = settings.activation_factory.context_size
+    n_tokens = 0
+    for row in dataset:
+        n_tokens += len(model.tokenizer(row["text"], add_special_tokens=False)["input_ids"]) if row["text"].strip() else 0
+        if n_tokens >= context_size:
+            break
+    if n_tokens == 0:
+        return UserInputError(key, path, "the corpus is empty: it gave no text tokens")
+    return UserInputError(key, path, f"the corpus holds only {n_tokens:,} text tokens, fewer than one context of "
+                          f"activation_factory.context_size={context_size}; use a larger corpus or a smaller context_size")
 
 
 def check_devices(settings: TrainSAESettings) -> None:
