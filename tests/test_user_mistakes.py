@@ -250,3 +250,19 @@ def test_an_unexpected_error_is_one_line_naming_its_traceback_file(tiny_model_di
     debug = _run_crashing(["train", "+sae=relu_8x", *tiny_overrides(tiny_model_dir, corpus_file, tmp_path / "run2")],
                           LM_SAES_DEBUG="1")
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "injected deep in the trainer" in debug.stderr
+
+
+def test_an_unexpected_error_before_the_run_is_one_line_too(monkeypatch, capsys) -> None:
+    def broken(*args, **kwargs):
+        raise KeyError("injected into the pre-check")
+
+    monkeypatch.delenv("LM_SAES_DEBUG", raising=False)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    monkeypatch.setattr("lm_saes.cli.verbs.settings_from_config", broken)
+    assert main(["train", "+sae=relu_8x"]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("lm-saes train: internal error: KeyError: 'injected into the pre-check' (traceback in ")
+    saved = Path(err.split("(traceback in ")[1].split(";")[0])
+    assert "injected into the pre-check" in saved.read_text() and "in broken" in saved.read_text()
+    saved.unlink()
