@@ -73,10 +73,14 @@ def run_verb(verb: str, args: list[str]) -> int:
     try:
         rank_overrides = _rank_overrides(multirun) if VERBS[verb].data_parallel else []
         if not other_flags:
-            precheck(verb, overrides, multirun)
+            overrides = precheck(verb, overrides, multirun)
     except ConfigError as e:
         print(f"lm-saes {verb}: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # not the user's mistake: one line, the traceback in a file
+        from lm_saes.cli.jobs import report_crash
+
+        return report_crash(verb, e, None)
     from lm_saes.cli.apps import APPS
 
     sys.argv = [f"lm-saes {verb}", *overrides, *rank_overrides]  # rank overrides are Hydra's, not the user's

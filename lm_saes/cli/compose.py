@@ -123,14 +123,14 @@ def format_validation_error(error: Any, root: Any, dataset_name: str | None = No
         key = ".".join(loc)
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            allowed = ", ".join(_model_at(root, [str(p) for p in err["loc"][:-1]]).model_fields)
+            allowed = ", ".join(model_at(root, [str(p) for p in err["loc"][:-1]]).model_fields)
             lines.append(f"{key}={err['input']!r}: unknown key; allowed here: {allowed}")
         elif err["type"] == "union_tag_invalid":
             lines.append(f"{key}={err['input']!r}: unknown type {err['ctx']['tag']!r}; allowed: {err['ctx']['expected_tags']}")
         elif err["type"] == "missing":
             lines.append(f"{key}: missing; give a value with {key}=...")
-        elif not loc and "=" in msg:  # a UserInputError raised by a model validator already names its key
-            lines.append(msg)
+        elif isinstance(err.get("ctx", {}).get("error"), UserInputError):  # a validator's: it names its key
+            lines.append(str(err["ctx"]["error"]))
         else:
             lines.append(f"{key}={err.get('input')!r}: {msg}")
     return "; ".join(lines)
@@ -151,7 +151,7 @@ def _models_in(annotation: Any, tag: str | None = None) -> dict[str | None, Any]
     return found
 
 
-def _model_at(root: Any, path: list[str]) -> Any:
+def model_at(root: Any, path: list[str]) -> Any:
     """The pydantic model class found by following field names from `root` (through dict values too)."""
     model, candidates = root, {}
     for part in path:

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lm_saes.cli.checks import activation_caches, launcher
 from lm_saes.cli.compose import ConfigError, compose_single_run, validate_settings
+from lm_saes.cli.keys import dataset_name, settable_overrides, typed_key_error
 from lm_saes.errors import UserInputError
 
 
@@ -40,11 +41,11 @@ class Verb:
 
 VERBS: dict[str, Verb] = {
     "train": Verb("train", "lm_saes.runners.train:TrainSAESettings", "lm_saes.runners.train:train_sae",
-                  check="lm_saes.cli.checks:activation_caches", to_data="lm_saes.cli.checks:train_data",
+                  check="lm_saes.cli.checks:train_inputs", to_data="lm_saes.cli.checks:train_data",
                   data_parallel=True),
     "generate": Verb("generate", "lm_saes.runners.generate:GenerateSettings",
                      "lm_saes.runners.generate:generate_activations", positional="output_dir",
-                     to_data="lm_saes.cli.compose:data_with_datasets"),
+                     check="lm_saes.cli.checks:generate_inputs", to_data="lm_saes.cli.compose:data_with_datasets"),
     "evaluate": Verb("evaluate", "lm_saes.runners.evaluate:EvaluateSettings", "lm_saes.runners.evaluate:evaluate_run",
                      positional="run_dir", check="lm_saes.cli.checks:training_run"),
     "analyze": Verb("analyze", "lm_saes.runners.analyze:AnalyzeSettings", "lm_saes.runners.analyze:analyze_run",
@@ -73,21 +74,27 @@ def settings_from_config(cfg: DictConfig, run_dir: str | None = None, verb: str 
     return validate_settings(load(spec.settings), data, dataset_name=dataset_name)
 
 
-def precheck(verb: str, overrides: list[str], multirun: bool) -> None:
-    """Compose and check what `verb` would run, before Hydra makes a directory (ConfigError with one line).
+def precheck(verb: str, overrides: list[str], multirun: bool) -> list[str]:
+    """Compose and check what `verb` would run, before Hydra makes a directory (ConfigError with one line); return
+    the overrides to hand to Hydra (settings fields the presets lack set with `++`, see lm_saes.cli.keys).
 
     A sweep is checked for its structure (its first job composes) and what its jobs share (the activation cache,
     the launcher) only: a job whose values are wrong records `failed`, and the others go on."""
     spec = VERBS[verb]
+    overrides = settable_overrides(overrides, spec.config, load(spec.settings))
     if multirun:
         composed = compose_single_run([a for a in overrides if not a.startswith("-")], spec.config, sweep=True)
-        activation_caches(None, composed)
+        try:
+            activation_caches(None, composed)
+        except UserInputError as e:
+            raise ConfigError(str(e)) from None
         launcher(composed)
-        return
+        return overrides
     composed = compose_single_run(overrides, spec.config)
     settings = settings_from_config(composed, None, verb)
     if spec.check is not None:
         try:
             load(spec.check)(settings, composed)
         except UserInputError as e:
-            raise ConfigError(str(e)) from None
+            raise ConfigError(str(typed_key_error(e, composed, dataset_name(composed)))) from None
+    return overrides
