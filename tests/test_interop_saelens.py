@@ -336,3 +336,67 @@ def test_a_hub_reference_loads_from_the_hub_cache_offline(tmp_path: Path) -> Non
     with torch.no_grad():
         assert act_fn == "jumprelu" and math.isclose(float(total), sae(torch.ones(2, 16)).sum().item(), rel_tol=1e-5)
     assert "path='hf://someone/other/x': not in the local hub cache" in proc.stderr  # the second load
+
+
+# --- export_run: a real (tiny) training run of each exportable kind, exported, loaded by sae-lens ----------
+
+RUN_KINDS = {"relu": ("relu", False), "topk": ("topk", False), "batchtopk": ("batchtopk", False),
+             "jumprelu": ("jumprelu", False), "relu_transcoder": ("relu", True)}
+RUN_HOOK, RUN_HOOK_OUT = "blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out"
+
+
+def train_tiny_run(run_dir: Path, tiny_model_dir: Path, corpus_file: Path, act_fn: str, transcoder: bool) -> None:
+    from lm_saes.runners.train import TrainSAESettings, train_sae
+
+    hook_in = RUN_HOOK if transcoder else "blocks.0.hook_resid_post"
+    train_sae(TrainSAESettings.model_validate({
+        "sae": {"hook_point_in": hook_in, "hook_point_out": RUN_HOOK_OUT if transcoder else None,
+                "expansion_factor": 2, "act_fn": act_fn, "top_k": 8},
+        "trainer": {"lr": 1e-3, "total_training_tokens": 256 * 6, "exp_result_path": str(run_dir)},
+        "model": {"model_name": str(tiny_model_dir)},
+        "datasets": {"synthetic": {"dataset_name_or_path": str(corpus_file)}},
+        "activation_factory": {"sources": [{"name": "synthetic"}], "hook_points": [hook_in, RUN_HOOK_OUT],
+                               "batch_size": 256, "context_size": 32, "model_batch_size": 4},
+    }))
+
+
+@pytest.fixture(scope="module")
+def exported_runs(saelens_python: Path, tiny_model_dir: Path, corpus_file: Path,
+                  tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, dict]]:
+    from lm_saes.runners.export import ExportSettings, export_run
+
+    folder = tmp_path_factory.mktemp("exported_runs")
+    x_BD = torch.randn(64, 32, generator=torch.Generator().manual_seed(3)) * 3
+    save_file({"x_BD": x_BD, "latents_BS": torch.zeros(64, 64)}, str(folder / "inputs.safetensors"))
+    for name, (act_fn, transcoder) in RUN_KINDS.items():
+        train_tiny_run(folder / f"run_{name}", tiny_model_dir, corpus_file, act_fn, transcoder)
+        export_run(ExportSettings(run_dir=str(folder / f"run_{name}"), out_dir=str(folder / name)))
+    jobs = [{"op": "run", "dir": str(folder / name), "inputs": str(folder / "inputs.safetensors"),
+             "outputs": str(folder / f"{name}.out")} for name in RUN_KINDS]
+    answers = run_driver(saelens_python, jobs, folder)
+    assert not [a for a in answers if "error" in a], answers
+    return folder, dict(zip(RUN_KINDS, answers))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", RUN_KINDS)
+def test_an_exported_run_loads_in_saelens_with_our_reconstruction(exported_runs, tiny_model_dir, name: str) -> None:
+    folder, answers = exported_runs
+    meta = answers[name]["metadata"]
+    assert (meta["model_name"], meta["context_size"], meta["prepend_bos"]) == (str(tiny_model_dir), 32, True)
+    assert meta["dataset_path"].endswith("docs.jsonl")
+    sae = SparseAutoEncoder.from_pretrained(folder / f"run_{name}")  # the run itself, our format
+    ours = our_outputs(sae, folder / "inputs.safetensors")
+    assert ours["latents_BS"].count_nonzero() > 0
+    theirs = load_file(str(folder / f"{name}.out"))
+    for key in ("latents_BS", "reconstruction_BD", "forward_BD"):
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-5, msg=lambda m: f"{key}: {m}")
+
+
+def test_an_export_never_overwrites_an_lm_saes_folder(tmp_path: Path) -> None:
+    sae = our_sae("relu")
+    sae.save_pretrained(tmp_path)
+    weights = (tmp_path / SAELENS_WEIGHTS_FILE).read_bytes()
+    with pytest.raises(UserInputError, match="save_path=.*holds an lm_saes SAE"):
+        sae.save_pretrained(tmp_path, format="saelens")
+    assert (tmp_path / SAELENS_WEIGHTS_FILE).read_bytes() == weights and not (tmp_path / SAELENS_CFG_FILE).exists()

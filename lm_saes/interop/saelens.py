@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from lm_saes.config_base import dtype_name, parse_dtype
 from lm_saes.errors import UserInputError
+from lm_saes.sae.config import CONFIG_FILE
 
 if TYPE_CHECKING:
     from lm_saes.runners.train import TrainSAESettings
@@ -159,6 +160,9 @@ def save_saelens(
     cfg_dict = saelens_cfg_dict(sae.cfg, metadata)
     tensors = saelens_state_dict(sae)
     folder = Path(save_path)
+    if (folder / CONFIG_FILE).exists():
+        raise UserInputError("save_path", str(folder), f"holds an lm_saes SAE ({CONFIG_FILE}), whose weights share "
+                             f"the name {SAELENS_WEIGHTS_FILE}; export into another folder")
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / SAELENS_WEIGHTS_FILE
     with atomic_path(path) as tmp:
