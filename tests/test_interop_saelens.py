@@ -39,11 +39,11 @@ def saelens_python() -> Path:
     try:
         proc = subprocess.run(["bash", str(REPO / "scripts" / "saelens_venv.sh")], capture_output=True, text=True,
                               timeout=1800)
-        failure = None if proc.returncode == 0 else proc.stderr.strip().splitlines()[-1:]
+        failure = None if proc.returncode == 0 else f"exit {proc.returncode} {proc.stderr.strip()[-300:]}"
     except subprocess.TimeoutExpired:
-        failure = ["timed out"]
+        failure = "timed out"
     if failure is not None:
-        message = f"could not build the sae-lens venv (scripts/saelens_venv.sh): {' '.join(failure)}"
+        message = f"could not build the sae-lens venv (scripts/saelens_venv.sh): {failure}"
         if os.environ.get("CI"):
             pytest.fail(f"{message}: the SAELens round trips must run in CI")
         pytest.skip(message)
