@@ -400,3 +400,14 @@ def test_an_export_never_overwrites_an_lm_saes_folder(tmp_path: Path) -> None:
     with pytest.raises(UserInputError, match="save_path=.*holds an lm_saes SAE"):
         sae.save_pretrained(tmp_path, format="saelens")
     assert (tmp_path / SAELENS_WEIGHTS_FILE).read_bytes() == weights and not (tmp_path / SAELENS_CFG_FILE).exists()
+
+
+def test_hub_references_are_parsed() -> None:
+    from lm_saes.interop.hub import parse_hub_reference
+
+    assert parse_hub_reference("hf://jbloom/GPT2-Small-SAEs/blocks.8.hook_resid_pre") == (
+        "jbloom/GPT2-Small-SAEs", None, "blocks.8.hook_resid_pre")
+    assert parse_hub_reference("hf://o/r@v1.0/a/b/") == ("o/r", "v1.0", "a/b")
+    assert parse_hub_reference("hf://o/r") == ("o/r", None, "")
+    with pytest.raises(UserInputError, match="path='hf://onlyowner': a hub reference is hf://OWNER/REPO"):
+        parse_hub_reference("hf://onlyowner")
