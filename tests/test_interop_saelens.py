@@ -363,14 +363,14 @@ def train_tiny_run(run_dir: Path, tiny_model_dir: Path, corpus_file: Path, act_f
 @pytest.fixture(scope="module")
 def exported_runs(saelens_python: Path, tiny_model_dir: Path, corpus_file: Path,
                   tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, dict]]:
-    from lm_saes.runners.export import ExportSettings, export_run
+    from lm_saes.cli import main
 
     folder = tmp_path_factory.mktemp("exported_runs")
     x_BD = torch.randn(64, 32, generator=torch.Generator().manual_seed(3)) * 3
     save_file({"x_BD": x_BD, "latents_BS": torch.zeros(64, 64)}, str(folder / "inputs.safetensors"))
     for name, (act_fn, transcoder) in RUN_KINDS.items():
         train_tiny_run(folder / f"run_{name}", tiny_model_dir, corpus_file, act_fn, transcoder)
-        export_run(ExportSettings(run_dir=str(folder / f"run_{name}"), out_dir=str(folder / name)))
+        assert main(["export", str(folder / f"run_{name}"), str(folder / name)]) == 0  # the command line
     jobs = [{"op": "run", "dir": str(folder / name), "inputs": str(folder / "inputs.safetensors"),
              "outputs": str(folder / f"{name}.out")} for name in RUN_KINDS]
     answers = run_driver(saelens_python, jobs, folder)

@@ -123,6 +123,11 @@ MISTAKES = [
     row("analyze", ["{RUN}", "device=cuda:1"], "device='cuda:1': CUDA is not available on this machine"),
     row("evaluate", ["{RUN}", "evaluator.context_size=4096"],
         "evaluator.context_size=4096: longer than the model's context window (128 tokens)", "no_status"),
+    # --- export ---------------------------------------------------------------------------------------------
+    row("export", [], "run_dir: missing; usage: lm-saes export RUN_DIR OUT_DIR"),
+    row("export", ["{RUN}"], "out_dir: missing; usage: lm-saes export RUN_DIR OUT_DIR"),
+    row("export", ["{NOT_A_RUN}", "/tmp/lm-saes-export"], "no readable status.json: not a training run directory"),
+    row("export", ["{RUN}", "{NOT_A_RUN}", "format=sparsify"], "format='sparsify': Input should be 'saelens'"),
     # --- analyze and dashboard -------------------------------------------------------------------------------
     row("analyze", [], "run_dir: missing; usage: lm-saes analyze RUN_DIR"),
     row("analyze", ["/no/such/run"], "run_dir='/no/such/run': no such directory"),

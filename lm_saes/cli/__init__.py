@@ -32,6 +32,8 @@ verbs:
             lm-saes analyze RUN_DIR [analysis.n_tokens=65536 analysis.n_top_examples=20 ...]
   dashboard render RUN_DIR/analysis/ as one offline HTML page, RUN_DIR/dashboard.html:
             lm-saes dashboard RUN_DIR [n_top_examples=10 output=PATH ...]
+  export    write a run's SAE in SAELens's format (cfg.json + sae_weights.safetensors):
+            lm-saes export RUN_DIR OUT_DIR [format=saelens]
   report    a sweep's jobs in one table (SWEEP_DIR/report.csv) and the L0-vs-fidelity frontier (frontier.png):
             lm-saes report SWEEP_DIR
 

@@ -63,6 +63,13 @@ def training_run(settings: Any, cfg: DictConfig) -> None:
     check_device_available(settings.device or run.model.device, "device")
 
 
+def finished_run(settings: Any, cfg: DictConfig) -> None:
+    """settings.run_dir is a finished training run (export)."""
+    from lm_saes.runners.run_loading import load_run_settings
+
+    load_run_settings(Path(settings.run_dir))
+
+
 def generate_inputs(settings: Any, cfg: DictConfig) -> None:
     """The device the model of `lm-saes generate` runs on exists."""
     from lm_saes.config_base import check_device_available

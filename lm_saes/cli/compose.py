@@ -234,12 +234,14 @@ def _explain_override_failure(error: Exception, parsed: list[Any], config_name: 
     return str(error).splitlines()[0]
 
 
-def with_positional(args: list[str], key: str | None) -> list[str]:
-    """`DIR k=v ...` -> `key='DIR' k=v ...`: the first argument that is neither a flag nor an override."""
-    if key is None:
-        return args
-    for i, arg in enumerate(args):
-        if not arg.startswith("-") and "=" not in arg:
+def with_positional(args: list[str], keys: tuple[str, ...]) -> list[str]:
+    """`A B k=v ...` -> `keys[0]='A' keys[1]='B' k=v ...`: the arguments that are neither flags nor overrides, in
+    order (quoted, so that any path survives Hydra's parser)."""
+    out, remaining = [], list(keys)
+    for arg in args:
+        if remaining and not arg.startswith("-") and "=" not in arg:
             quoted = arg.replace("\\", "\\\\").replace("'", "\\'")
-            return [*args[:i], f"{key}='{quoted}'", *args[i + 1 :]]
-    return args
+            out.append(f"{remaining.pop(0)}='{quoted}'")
+        else:
+            out.append(arg)
+    return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -27,8 +27,8 @@ class Verb:
     """The settings class the composed config validates into."""
     runner: str
     """The function that takes those settings and does the work (the Python API calls it too)."""
-    positional: Literal["run_dir", "output_dir"] | None = None
-    """The config key that the first bare argument fills: `lm-saes evaluate DIR` is `run_dir='DIR'`."""
+    positional: tuple[str, ...] = ()
+    """The config keys that the bare arguments fill, in order: `lm-saes evaluate DIR` is `run_dir='DIR'`."""
     check: str | None = None
     """A function of (settings, composed config) that raises UserInputError (or ConfigError) when a single run
     could not use its inputs; the pre-check runs it. It reads files, never loads a model."""
@@ -44,17 +44,19 @@ VERBS: dict[str, Verb] = {
                   check="lm_saes.cli.checks:train_inputs", to_data="lm_saes.cli.checks:train_data",
                   data_parallel=True),
     "generate": Verb("generate", "lm_saes.runners.generate:GenerateSettings",
-                     "lm_saes.runners.generate:generate_activations", positional="output_dir",
+                     "lm_saes.runners.generate:generate_activations", positional=("output_dir",),
                      check="lm_saes.cli.checks:generate_inputs", to_data="lm_saes.cli.compose:data_with_datasets"),
     "evaluate": Verb("evaluate", "lm_saes.runners.evaluate:EvaluateSettings", "lm_saes.runners.evaluate:evaluate_run",
-                     positional="run_dir", check="lm_saes.cli.checks:training_run"),
+                     positional=("run_dir",), check="lm_saes.cli.checks:training_run"),
     "analyze": Verb("analyze", "lm_saes.runners.analyze:AnalyzeSettings", "lm_saes.runners.analyze:analyze_run",
-                    positional="run_dir", check="lm_saes.cli.checks:training_run"),
+                    positional=("run_dir",), check="lm_saes.cli.checks:training_run"),
     "dashboard": Verb("dashboard", "lm_saes.runners.dashboard:DashboardSettings",
-                      "lm_saes.runners.dashboard:dashboard_run", positional="run_dir",
+                      "lm_saes.runners.dashboard:dashboard_run", positional=("run_dir",),
                       check="lm_saes.cli.checks:analysed_run"),
+    "export": Verb("export", "lm_saes.runners.export:ExportSettings", "lm_saes.runners.export:export_run",
+                   positional=("run_dir", "out_dir"), check="lm_saes.cli.checks:finished_run"),
     "report": Verb("report", "lm_saes.runners.report:ReportSettings", "lm_saes.runners.report:report_run",
-                   positional="run_dir"),
+                   positional=("run_dir",)),
 }
 
 
@@ -68,8 +70,10 @@ def settings_from_config(cfg: DictConfig, run_dir: str | None = None, verb: str 
     """Validate a composed config of `verb` into its settings; `run_dir` is the Hydra job's output directory
     (train's default trainer.exp_result_path). Raises ConfigError with one line."""
     spec = VERBS[verb]
-    if spec.positional is not None and OmegaConf.is_missing(cfg, spec.positional):
-        raise ConfigError(f"{spec.positional}: missing; usage: lm-saes {verb} {spec.positional.upper()} [KEY=VALUE ...]")
+    for key in spec.positional:
+        if OmegaConf.is_missing(cfg, key):
+            usage = " ".join(k.upper() for k in spec.positional)
+            raise ConfigError(f"{key}: missing; usage: lm-saes {verb} {usage} [KEY=VALUE ...]")
     data, dataset_name = load(spec.to_data)(cfg, run_dir)
     return validate_settings(load(spec.settings), data, dataset_name=dataset_name)
 

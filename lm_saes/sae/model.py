@@ -14,15 +14,9 @@ from torch import nn
 
 from lm_saes import metrics
 from lm_saes.errors import UserInputError
-<<<<<<< HEAD
 from lm_saes.sae.activation_functions import ACTIVATION_FUNCTIONS, ActivationFunction, build_activation_function
-from lm_saes.sae.config import SAEConfig
-from lm_saes.sae.sparse_topk import sparse_decode
-=======
-from lm_saes.sae.activation_functions import ActivationFunction, TopK, build_activation_function
 from lm_saes.sae.config import CONFIG_FILE, SAEConfig
-from lm_saes.sae.sparse_topk import sparse_decode, sparse_topk_encode
->>>>>>> interop
+from lm_saes.sae.sparse_topk import sparse_decode
 
 if TYPE_CHECKING:
     from lm_saes.interop.saelens import SAELensMetadata
