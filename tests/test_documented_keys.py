@@ -47,7 +47,8 @@ def _documented_commands() -> list[str]:
     for verb in VERBS.values():
         help_cfg = yaml.safe_load(conf.joinpath(f"{verb.config}.yaml").read_text()).get("hydra", {}).get("help", {})
         texts.append(help_cfg.get("footer", ""))
-    return sorted({c for text in texts for c in _command_lines(text) if "..." not in c and "VERB" not in c})
+    usage = ("...", "VERB", " [")  # usage lines, not commands
+    return sorted({c for text in texts for c in _command_lines(text) if not any(u in c for u in usage)})
 
 
 COMMANDS = _documented_commands()

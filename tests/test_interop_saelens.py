@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lm_saes.errors import UserInputError
-from lm_saes.interop import SAELensMetadata, load_saelens, read_saelens_metadata
+from lm_saes.interop import SAELensMetadata, read_saelens_metadata
 from lm_saes.interop.saelens import SAELENS_CFG_FILE, SAELENS_WEIGHTS_FILE
 from lm_saes.sae import SAEConfig, SparseAutoEncoder
 
@@ -277,7 +277,8 @@ def test_a_missing_hook_is_an_error_unless_given(tmp_path: Path) -> None:
     folder = edited_export(tmp_path, metadata_hook_name=None)
     with pytest.raises(UserInputError, match="metadata.hook_name=None: no hook recorded; pass hook_point_in="):
         SparseAutoEncoder.from_pretrained(folder)
-    assert load_saelens(folder, hook_point_in="blocks.0.hook_mlp_out").cfg.hook_point_in == "blocks.0.hook_mlp_out"
+    loaded = SparseAutoEncoder.from_pretrained(folder, hook_point_in="blocks.0.hook_mlp_out")
+    assert loaded.cfg.hook_point_in == "blocks.0.hook_mlp_out"
 
 
 def test_an_unknown_tensor_is_refused_and_dtype_is_kept(tmp_path: Path) -> None:

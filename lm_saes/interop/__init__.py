@@ -4,7 +4,7 @@ from lm_saes.interop.hub import download_hub_folder, is_hub_reference, resolve_s
 from lm_saes.interop.saelens import (
     SAELensMetadata,
     is_saelens_folder,
-    load_saelens,
+    read_saelens,
     read_saelens_metadata,
     save_saelens,
 )
@@ -14,7 +14,7 @@ __all__ = [
     "download_hub_folder",
     "is_hub_reference",
     "is_saelens_folder",
-    "load_saelens",
+    "read_saelens",
     "read_saelens_metadata",
     "resolve_sae_path",
     "save_saelens",

@@ -306,27 +306,16 @@ def _our_config(
                      dtype=parse_dtype(cfg.get("dtype", "float32")), activation_norm_folded=True, **extra)
 
 
-def load_saelens(
-    path: str | os.PathLike[str],
-    device: str | None = None,
-    dtype: torch.dtype | None = None,
-    hook_point_in: str | None = None,
-    hook_point_out: str | None = None,
-) -> "SparseAutoEncoder":
-    """Read a SAELens folder into our SparseAutoEncoder (eval mode); encode/decode give SAELens's outputs.
-
-    `dtype` defaults to the cfg.json's, `device` to cpu; the hooks default to the recorded metadata.
-    """
-    from lm_saes.sae.model import SparseAutoEncoder
-
+def read_saelens(
+    path: str | os.PathLike[str], hook_point_in: str | None = None, hook_point_out: str | None = None,
+) -> tuple["SAEConfig", dict[str, torch.Tensor]]:
+    """A SAELens folder as our SAEConfig and the state dict of our SparseAutoEncoder, whose encode/decode then
+    give SAELens's outputs (SparseAutoEncoder.from_pretrained builds it). The hooks default to the recorded
+    metadata."""
     folder = Path(path)
     where = str(folder / SAELENS_CFG_FILE)
     cfg = read_saelens_cfg(folder)
     _check_importable(cfg, where)
     state = _checked_tensors(cfg, load_file(str(folder / SAELENS_WEIGHTS_FILE)), where)
     act_fn = _act_fn_and_threshold(cfg, state.get("threshold"), where)
-    sae_cfg = _our_config(cfg, act_fn, hook_point_in, hook_point_out, where)
-    updates = {k: v for k, v in {"device": device, "dtype": dtype}.items() if v is not None}
-    sae = SparseAutoEncoder(sae_cfg.model_copy(update=updates))
-    sae.load_state_dict({k: v.to(sae.cfg.dtype) for k, v in _our_weights(cfg, state, act_fn).items()}, strict=True)
-    return sae.eval()
+    return _our_config(cfg, act_fn, hook_point_in, hook_point_out, where), _our_weights(cfg, state, act_fn)

@@ -217,17 +217,20 @@ class SparseAutoEncoder(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | os.PathLike[str], device: str | None = None, dtype: torch.dtype | None = None
+        cls, path: str | os.PathLike[str], device: str | None = None, dtype: torch.dtype | None = None,
+        hook_point_in: str | None = None, hook_point_out: str | None = None,
     ) -> "SparseAutoEncoder":
         """Load an SAE folder, in eval mode; never pickle. `path` is a folder written by `save_pretrained` (a run
-        directory), a SAELens folder (cfg.json), or `hf://OWNER/REPO/PATH`, a folder of either on the hub."""
-        from lm_saes.interop import is_saelens_folder, load_saelens, resolve_sae_path
+        directory), a SAELens folder (cfg.json), or `hf://OWNER/REPO/PATH`, a folder of either on the hub.
+        `hook_point_in/out` name the hooks of a SAELens folder that does not record them."""
+        from lm_saes.interop import is_saelens_folder, read_saelens, resolve_sae_path
 
         path = resolve_sae_path(path)
         if not (Path(path) / CONFIG_FILE).exists() and is_saelens_folder(path):
-            return load_saelens(path, device=device, dtype=dtype)
-        cfg = SAEConfig.from_pretrained(path)
+            cfg, state = read_saelens(path, hook_point_in, hook_point_out)
+        else:
+            cfg, state = SAEConfig.from_pretrained(path), load_file(str(Path(path) / WEIGHTS_FILE))
         updates = {k: v for k, v in {"device": device, "dtype": dtype}.items() if v is not None}
         sae = cls(cfg.model_copy(update=updates) if updates else cfg)
-        sae.load_state_dict(load_file(str(Path(path) / WEIGHTS_FILE), device=sae.cfg.device), strict=True)
+        sae.load_state_dict(state, strict=True)  # copies into the SAE's own dtype and device
         return sae.eval()
