@@ -23,9 +23,11 @@ def test_analyze_then_dashboard_through_the_cli(tiny_run) -> None:
     assert info["logit_effects_applicable"] is True and isinstance(info["dead_latents"], list)
     result = run_cli("dashboard", str(tiny_run))
     assert result.returncode == 0, result.stderr
-    html = (tiny_run / "dashboard.html").read_text()
+    html = (tiny_run / "dashboard" / "index.html").read_text()
     assert html.startswith("<!DOCTYPE html>") and "https://" not in html
-    new = {"analysis", "analysis.json", "features.safetensors", "dashboard.html"}
+    dashboard = {p.name for p in (tiny_run / "dashboard").rglob("*")}
+    assert {"index.html", "index.js", "blocks", "00000.js", "search", "0000.js"} <= dashboard
+    new = {"analysis", "analysis.json", "features.safetensors", "dashboard"} | dashboard
     assert {p.name for p in tiny_run.rglob("*")} == before | new  # nothing else touched (no .hydra, no logs)
 
 
@@ -40,7 +42,8 @@ def test_analyze_then_dashboard_through_the_cli(tiny_run) -> None:
         ("dashboard", [], "run_dir: missing; usage: lm-saes dashboard RUN_DIR"),
         ("dashboard", ["NOT_A_RUN"], "no analysis/analysis.json and features.safetensors; run `lm-saes analyze RUN_DIR` first"),
         ("dashboard", ["FUTURE"], "has format_version 7; this lm_saes reads version 1"),
-        ("dashboard", ["NOT_A_RUN", "n_top_examples=-1"], "n_top_examples=-1: Input should be greater than or equal to 0"),
+        ("dashboard", ["NOT_A_RUN", "dashboard.n_top_examples=-1"],
+         "dashboard.n_top_examples=-1: Input should be greater than or equal to 0"),
     ],
 )
 def test_analyze_and_dashboard_mistakes_are_one_line(verb, args, expected, tmp_path, capsys) -> None:
