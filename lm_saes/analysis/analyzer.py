@@ -13,6 +13,7 @@ Latents that never fired are listed as dead and left empty.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -132,6 +133,7 @@ class FeatureAnalyzer:
         """
         hook = sae.cfg.hook_point_in
         state = self.state = AnalysisState(sae.cfg.d_sae, self.cfg)
+        started = time.perf_counter()
         with sae.inference(), torch.no_grad():
             for tokens_BT in batch_contexts(contexts, self.cfg.model_batch_size):
                 if state.n_tokens >= self.cfg.n_tokens:
@@ -147,7 +149,10 @@ class FeatureAnalyzer:
                     progress.advance(len(x_ND))
             if state.n_tokens == 0:
                 raise ValueError("the contexts hold no text tokens to analyse")
-            return self._result(sae, model, state)
+            stream_seconds = time.perf_counter() - started  # the token loop; _result adds logit effects, neighbours
+            result = self._result(sae, model, state)
+            result.info["stream_seconds"] = round(stream_seconds, 3)
+            return result
 
     def _result(self, sae: SparseAutoEncoder, model: TransformerLensLanguageModel, state: AnalysisState) -> FeatureAnalysis:
         n = state.n_tokens
