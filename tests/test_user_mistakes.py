@@ -137,7 +137,8 @@ MISTAKES = [
     row("dashboard", [], "run_dir: missing; usage: lm-saes dashboard RUN_DIR"),
     row("dashboard", ["{NOT_A_RUN}"], "no analysis/analysis.json and features.safetensors; run `lm-saes analyze RUN_DIR` first"),
     row("dashboard", ["{FUTURE}"], "has format_version 7; this lm_saes reads version 1"),
-    row("dashboard", ["{NOT_A_RUN}", "n_top_examples=-1"], "n_top_examples=-1: Input should be greater than or equal to 0"),
+    row("dashboard", ["{NOT_A_RUN}", "dashboard.n_top_examples=-1"],
+        "dashboard.n_top_examples=-1: Input should be greater than or equal to 0"),
 ]
 
 
