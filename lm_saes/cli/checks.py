@@ -70,6 +70,21 @@ def finished_run(settings: Any, cfg: DictConfig) -> None:
     load_run_settings(Path(settings.run_dir))
 
 
+def inspect_inputs(settings: Any, cfg: DictConfig) -> None:
+    """settings.text holds something, and settings.run_dir is a finished run on a device that exists (inspect)."""
+    from lm_saes.runners.lens import check_text
+
+    check_text(settings.text)
+    training_run(settings, cfg)
+
+
+def comparable_runs(settings: Any, cfg: DictConfig) -> None:
+    """Both runs are finished, with SAEs on the same hook points and d_model (compare)."""
+    from lm_saes.runners.compare import check_comparable
+
+    check_comparable(settings)
+
+
 def generate_inputs(settings: Any, cfg: DictConfig) -> None:
     """The device the model of `lm-saes generate` runs on exists."""
     from lm_saes.config_base import check_device_available
