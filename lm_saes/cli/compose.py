@@ -7,6 +7,7 @@ so that a bad key, value or preset fails before Hydra makes a run directory.
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 from typing import Any
 
@@ -123,14 +124,14 @@ def format_validation_error(error: Any, root: Any, dataset_name: str | None = No
         key = ".".join(loc)
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            allowed = ", ".join(_model_at(root, [str(p) for p in err["loc"][:-1]]).model_fields)
+            allowed = ", ".join(model_at(root, [str(p) for p in err["loc"][:-1]]).model_fields)
             lines.append(f"{key}={err['input']!r}: unknown key; allowed here: {allowed}")
         elif err["type"] == "union_tag_invalid":
             lines.append(f"{key}={err['input']!r}: unknown type {err['ctx']['tag']!r}; allowed: {err['ctx']['expected_tags']}")
         elif err["type"] == "missing":
             lines.append(f"{key}: missing; give a value with {key}=...")
-        elif not loc and "=" in msg:  # a UserInputError raised by a model validator already names its key
-            lines.append(msg)
+        elif isinstance(err.get("ctx", {}).get("error"), UserInputError):  # a validator's: it names its key
+            lines.append(str(err["ctx"]["error"]))
         else:
             lines.append(f"{key}={err.get('input')!r}: {msg}")
     return "; ".join(lines)
@@ -151,7 +152,7 @@ def _models_in(annotation: Any, tag: str | None = None) -> dict[str | None, Any]
     return found
 
 
-def _model_at(root: Any, path: list[str]) -> Any:
+def model_at(root: Any, path: list[str]) -> Any:
     """The pydantic model class found by following field names from `root` (through dict values too)."""
     model, candidates = root, {}
     for part in path:
@@ -234,12 +235,28 @@ def _explain_override_failure(error: Exception, parsed: list[Any], config_name: 
     return str(error).splitlines()[0]
 
 
-def with_positional(args: list[str], key: str | None) -> list[str]:
-    """`DIR k=v ...` -> `key='DIR' k=v ...`: the first argument that is neither a flag nor an override."""
-    if key is None:
-        return args
-    for i, arg in enumerate(args):
-        if not arg.startswith("-") and "=" not in arg:
-            quoted = arg.replace("\\", "\\\\").replace("'", "\\'")
-            return [*args[:i], f"{key}='{quoted}'", *args[i + 1 :]]
-    return args
+_OVERRIDE = re.compile(r"(\+\+|\+)?[A-Za-z_][\w/@.\[\]-]*=")
+"""A Hydra override (`key=v`, `+group/name@pkg=v`): any other argument is positional, so a text such as
+"x = 1" or "Hello, world." is one (`a=b` as a text has to be written `text='a=b'`)."""
+
+
+def with_positional(args: list[str], keys: tuple[str, ...]) -> list[str]:
+    """`A B k=v ...` -> `keys[0]='A' keys[1]='B' k=v ...`: the arguments that are neither flags nor overrides, in
+    order (quoted, so that any path survives Hydra's parser)."""
+    out, remaining = [], list(keys)
+    for arg in args:
+        if remaining and not arg.startswith(("-", "~")) and not _OVERRIDE.match(arg):
+            out.append(f"{remaining.pop(0)}={_quoted(arg)}")
+        else:
+            out.append(arg)
+    return out
+
+
+def _quoted(value: str) -> str:
+    """`value` as a quoted Hydra override value that composes back to exactly `value`."""
+    # OmegaConf reads `${` as an interpolation unless a backslash escapes it (and backslashes before it escape).
+    value = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", value)
+    # Hydra reads backslashes as escapes only before a quote, the closing one included.
+    value = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)
+    value = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, value)
+    return f"'{value}'"
