@@ -95,11 +95,24 @@ def process_group(device: str) -> Iterator[Launch]:
     for key, value in (("RANK", launch.rank), ("WORLD_SIZE", launch.world_size), ("LOCAL_RANK", launch.local_rank),
                        ("MASTER_ADDR", launch.master_addr), ("MASTER_PORT", launch.master_port)):
         os.environ.setdefault(key, str(value))
+    _bind_world_defaults_before_init()
     dist.init_process_group("nccl" if on_cuda else "gloo", timeout=TIMEOUT)
     try:
         yield launch
     finally:
         dist.destroy_process_group()
+
+
+def _bind_world_defaults_before_init() -> None:
+    """Import torch.distributed.nn.functional while no process group exists.
+
+    Its functions take `group=group.WORLD` as a default argument, and Python evaluates that once, when the
+    module is first imported. Imported while a group is live, those defaults hold the live group. Training
+    would import it then: Adam's first step imports torch._dynamo, which imports this module. Held that way,
+    destroy_process_group cannot free the group: its gloo threads and sockets would live on until interpreter
+    shutdown tore them down, and a rank could then abort ("terminate called without an active exception").
+    Imported first, the defaults are None, which means the default group whenever one is called."""
+    import torch.distributed.nn.functional  # noqa: F401
 
 
 def rank() -> int:

@@ -8,6 +8,7 @@ activation stream's ranks together read every forward group exactly once is test
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -215,6 +216,7 @@ def _worker(rank: int, port: int, out: Path) -> None:
     messages: dict[str, str] = {}
     with distributed.process_group("cpu") as launch:
         assert launch.world_size == 2 and distributed.rank() == rank
+        threads = {"open": _gloo_threads()}
         for act_fn in ("relu", "topk", "jumprelu", "batchtopk"):
             sae = _sae(act_fn, seed=rank)  # rank 1 starts elsewhere: the broadcast must fix that
             distributed.broadcast_module_(sae)
@@ -229,7 +231,18 @@ def _worker(rank: int, port: int, out: Path) -> None:
                 _trainer(out / f"{name}.rank{rank}").fit(_sae("relu"), _share(rank, STEPS, **kw))
             except (TrainingDiverged, Preempted) as e:
                 messages[name] = f"{type(e).__name__}: {e}"
+    threads["closed"] = _gloo_threads()
     (out / f"messages.rank{rank}.json").write_text(json.dumps(messages))
+    (out / f"threads.rank{rank}.json").write_text(json.dumps(threads))
+
+
+def _gloo_threads() -> list[str]:
+    """The names of this process's threads that gloo runs (its worker and socket threads), as Linux lists them."""
+    names = []
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            names.append((task / "comm").read_text().strip())
+    return sorted(name for name in names if "gloo" in name)
 
 
 @pytest.fixture(scope="module")
@@ -296,6 +309,17 @@ def test_divergence_and_preemption_on_one_rank_stop_both_at_the_same_step(two_ra
     assert rank0["preempted"].startswith(f"Preempted: another rank received a preemption signal at step 4: saved {checkpoint};")
     assert load_checkpoint(checkpoint).meta["world_size"] == 2
     assert not (two_ranks / "preempted.rank1").exists()
+
+
+@pytest.mark.slow
+def test_closing_the_process_group_stops_its_threads(two_ranks) -> None:
+    # Training imports torch._dynamo (Adam's first step), and it torch.distributed.nn.functional, whose default
+    # arguments would hold the live group: it then outlived destroy_process_group, and its threads were torn down
+    # at interpreter exit, where a loaded machine saw rank 1 abort ("terminate called without an active exception").
+    for rank in range(2):
+        threads = json.loads((two_ranks / f"threads.rank{rank}.json").read_text())
+        assert threads["open"], "gloo's threads are not named as expected: this test would check nothing"
+        assert threads["closed"] == [], rank
 
 
 # --- torchrun, end to end ---------------------------------------------------------------------------------
