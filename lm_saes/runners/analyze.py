@@ -11,7 +11,7 @@ import math
 import time
 
 from lm_saes.analysis import AnalysisConfig, FeatureAnalysis, FeatureAnalyzer, save_analysis
-from lm_saes.runners.held_out import HeldOutRunSettings, load_held_out_run
+from lm_saes.runners.held_out import HeldOutRunSettings, load_held_out_run, tokens_phrase
 from lm_saes.runners.run_loading import load_inspected_sae
 
 
@@ -35,6 +35,6 @@ def analyze_run(settings: AnalyzeSettings) -> FeatureAnalysis:
     folder = save_analysis(result, source.folder, run.model.tokenizer)
     n_dead = len(result.info["dead_latents"])
     short = " (the corpus ended first)" if result.info["n_tokens"] < cfg.n_tokens else ""
-    print(f"analysed {result.info['n_tokens']:,} tokens {run.held_out}{short} in {result.info['seconds']:.0f} s: "
+    print(f"analysed {result.info['n_tokens']:,} {tokens_phrase(run.held_out)}{short} in {result.info['seconds']:.0f} s: "
           f"{result.info['d_sae'] - n_dead:,} live latents, {n_dead:,} dead (listed) -> {folder}")
     return result

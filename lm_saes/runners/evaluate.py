@@ -17,7 +17,7 @@ from rich.table import Table
 from lm_saes.evaluator import EvalResult, Evaluator, EvaluatorConfig
 from lm_saes.formatting import format_value
 from lm_saes.run_dir import EVAL_FILE, write_json_atomic
-from lm_saes.runners.held_out import HeldOutRunSettings, load_held_out_run
+from lm_saes.runners.held_out import HeldOutRunSettings, load_held_out_run, tokens_phrase
 from lm_saes.runners.run_loading import load_inspected_sae
 
 
@@ -64,8 +64,8 @@ _ROWS: list[tuple[str, list[tuple[str, str]]]] = [
 
 def print_table(result: EvalResult, console: Console) -> None:
     info = result.info
-    held_out = info.get("held_out", "held out")
-    title = (f"{info.get('run_dir', 'SAE')}: {info['hook_point_out']}, {info['n_tokens']:,} tokens {held_out}, "
+    tokens = tokens_phrase(info.get("held_out"))
+    title = (f"{info.get('run_dir', 'SAE')}: {info['hook_point_out']}, {info['n_tokens']:,} {tokens}, "
              f"{info['ablation']} ablation")
     table = Table(title=title, title_justify="left")
     for name, justify in (("group", "left"), ("metric", "left"), ("value", "right"), ("meaning", "left")):

@@ -124,6 +124,11 @@ FROM_CORPUS_START = "from the corpus start (what the SAE was trained on is unkno
 FROM_ANOTHER_CORPUS = "from the start of another corpus than the run's"
 
 
+def tokens_phrase(held_out: str | None) -> str:
+    """How a printed line calls the inspected tokens: held out, unless a foreign SAE's training text is unknown."""
+    return f"tokens {FROM_CORPUS_START}" if held_out == FROM_CORPUS_START else "held-out tokens"
+
+
 class InspectModelConfig(BaseConfig):
     """The model an inspected SAE runs in; each None keeps the SAE's own."""
 
