@@ -15,6 +15,8 @@ _PUBLIC = {
     "FeatureAnalyzer": "lm_saes.analysis",
     "AnalyzeSettings": "lm_saes.runners.analyze",
     "analyze_run": "lm_saes.runners.analyze",
+    "CompareSettings": "lm_saes.runners.compare",
+    "compare_runs": "lm_saes.runners.compare",
     "DashboardSettings": "lm_saes.runners.dashboard",
     "dashboard_run": "lm_saes.runners.dashboard",
     "ActivationFactory": "lm_saes.activation",
@@ -29,6 +31,8 @@ _PUBLIC = {
     "EvaluatorConfig": "lm_saes.evaluator",
     "EvaluateSettings": "lm_saes.runners.evaluate",
     "GenerateSettings": "lm_saes.runners.generate",
+    "InspectSettings": "lm_saes.runners.lens",
+    "inspect_text": "lm_saes.runners.lens",
     "generate_activations": "lm_saes.runners.generate",
     "evaluate_run": "lm_saes.runners.evaluate",
     "load_dataset": "lm_saes.datasets",
@@ -61,9 +65,11 @@ if TYPE_CHECKING:
     from lm_saes.initializer import Initializer, InitializerConfig
     from lm_saes.language_model import LanguageModelConfig, TransformerLensLanguageModel
     from lm_saes.runners.analyze import AnalyzeSettings, analyze_run
+    from lm_saes.runners.compare import CompareSettings, compare_runs
     from lm_saes.runners.dashboard import DashboardSettings, dashboard_run
     from lm_saes.runners.evaluate import EvaluateSettings, evaluate_run
     from lm_saes.runners.generate import GenerateSettings, generate_activations
+    from lm_saes.runners.lens import InspectSettings, inspect_text
     from lm_saes.runners.train import TrainSAESettings, WandbConfig, train_sae
     from lm_saes.sae import SAEConfig, SparseAutoEncoder
     from lm_saes.trainer import Trainer, TrainerConfig

@@ -21,8 +21,10 @@ def test_analyze_then_dashboard_through_the_cli(tiny_run) -> None:
     assert info["logit_effects_applicable"] is True and isinstance(info["dead_latents"], list)
     result = run_cli("dashboard", str(tiny_run))
     assert result.returncode == 0, result.stderr
-    html = (tiny_run / "dashboard.html").read_text()
+    html = (tiny_run / "dashboard" / "index.html").read_text()
     assert html.startswith("<!DOCTYPE html>") and "https://" not in html
-    new = {"analysis", "analysis.json", "features.safetensors", "dashboard.html"}
+    dashboard = {p.name for p in (tiny_run / "dashboard").rglob("*")}
+    assert {"index.html", "index.js", "blocks", "00000.js", "search", "0000.js"} <= dashboard
+    new = {"analysis", "analysis.json", "features.safetensors", "dashboard"} | dashboard
     assert {p.name for p in tiny_run.rglob("*")} == before | new  # nothing else touched (no .hydra, no logs)
 

@@ -3,7 +3,7 @@
 import pytest
 
 from lm_saes import TrainSAESettings
-from lm_saes.cli.compose import ConfigError, compose_single_run, group_options
+from lm_saes.cli.compose import ConfigError, compose_single_run, group_options, with_positional
 from lm_saes.cli.verbs import settings_from_config
 
 
@@ -73,3 +73,11 @@ def test_sweep_preset_declares_the_grid() -> None:
     params = cfg.hydra.sweeper.params
     assert dict(params) == {"sae.expansion_factor": "8,16", "sae.act_fn": "relu,topk", "trainer.lr": "1e-3,3e-3"}
     GlobalHydra.instance().clear()
+
+
+@pytest.mark.parametrize("value", ["/tmp/a run", "x = 1, y", "q's", "a\\b", "end\\", "\\'", "cost ${x} and \\${y}",
+                                   "é 日本\n", "[1, 2]", "{a: b}"])
+def test_a_positional_argument_composes_back_exactly(value: str) -> None:
+    overrides = with_positional(["runs/x", value, "n_latents=2"], ("run_dir", "text"))
+    cfg = compose_single_run(overrides, "inspect")
+    assert (cfg.run_dir, cfg.text, cfg.n_latents) == ("runs/x", value, 2)

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from lm_saes.analysis.dashboard import DASHBOARD_DIR, INDEX_FILE
 from lm_saes.datasets import BUILTIN_CORPUS
 from lm_saes.errors import UserInputError
 from lm_saes.interop import SAELensMetadata
@@ -87,8 +88,8 @@ def test_analyze_then_dashboard_run_on_a_saelens_folder(saelens_folders: Path) -
     assert info["n_tokens"] >= 256 and len(info["dead_latents"]) < D_SAE
     result = run_cli("dashboard", str(sae_dir))
     assert result.returncode == 0, result.stderr
-    page = (sae_dir / "dashboard.html").read_text()
-    assert page.startswith("<!DOCTYPE html>") or "<html" in page[:500]
+    page = (sae_dir / DASHBOARD_DIR / INDEX_FILE).read_text()
+    assert "<html" in page[:500].lower()
     assert SparseAutoEncoder.from_pretrained(sae_dir).cfg.act_fn == "jumprelu"  # still a SAELens folder
 
 

@@ -4,7 +4,7 @@ exit code 2, no traceback, and nothing left that looks finished.
 To add a mistake, add a row. Placeholders in the arguments, in braces: {TINY} (the tiny model, corpus and budget, see
 conftest.tiny_overrides), RUN (a finished tiny run), NOT_A_RUN (an empty folder), FAILED_RUN (a run whose
 status.json says failed), FUTURE (an analysis of a newer format), CACHE (an activation cache of the tiny model),
-EMPTY_TXT (a 0-byte .txt), BLANK_TXT (blank lines only), EMPTY_JSONL, BAD_JSONL (a malformed line), SHORT (one
+OTHER_HOOK and OTHER_D_MODEL (copies of RUN whose SAE config names blocks.1 or d_model 64), EMPTY_TXT (a 0-byte .txt), BLANK_TXT (blank lines only), EMPTY_JSONL, BAD_JSONL (a malformed line), SHORT (one
 short document). `before` rows run in-process and must fail before any directory is made; `runtime` rows run
 the real command line and fail once the model or data is loaded, leaving status.json `failed` (`no_status`: the
 run directory itself could not be made).
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -128,6 +129,25 @@ MISTAKES = [
     row("export", ["{RUN}"], "out_dir: missing; usage: lm-saes export RUN_DIR OUT_DIR"),
     row("export", ["{NOT_A_RUN}", "/tmp/lm-saes-export"], "no readable status.json: not a training run directory"),
     row("export", ["{RUN}", "{NOT_A_RUN}", "format=sparsify"], "format='sparsify': Input should be 'saelens'"),
+    # --- inspect and compare --------------------------------------------------------------------------------
+    row("inspect", [], "run_dir: missing; usage: lm-saes inspect RUN_DIR TEXT"),
+    row("inspect", ["{RUN}"], "text: missing; usage: lm-saes inspect RUN_DIR TEXT"),
+    row("inspect", ["/no/such/run", "some text"], "run_dir='/no/such/run': no such directory"),
+    row("inspect", ["{NOT_A_RUN}", "some text"], "no readable status.json: not a training run directory"),
+    row("inspect", ["{RUN}", ""], "text='': no text tokens; give some text"),
+    row("inspect", ["{RUN}", " \n "], "text=' \\n ': no text tokens; give some text"),
+    row("inspect", ["{RUN}", "some text", "n_latents=0"], "n_latents=0: Input should be greater than 0"),
+    row("inspect", ["{RUN}", "some text", "device=cuda"], "device='cuda': CUDA is not available on this machine"),
+    row("inspect", ["{RUN}", "<bos><eos>"], "text='<bos><eos>': no text tokens; give some text", "no_status"),
+    row("compare", [], "run_a: missing; usage: lm-saes compare RUN_A RUN_B"),
+    row("compare", ["{RUN}"], "run_b: missing; usage: lm-saes compare RUN_A RUN_B"),
+    row("compare", ["{RUN}", "/no/such/run"], "run_b='/no/such/run': no such directory"),
+    row("compare", ["{NOT_A_RUN}", "{RUN}"], "run_a='{NOT_A_RUN}': no readable status.json: not a training run directory"),
+    row("compare", ["{RUN}", "{FAILED_RUN}"], "run_b='{FAILED_RUN}': status.json says 'failed'"),
+    row("compare", ["{RUN}", "{OTHER_HOOK}"],
+        "run_b='{OTHER_HOOK}': hook point blocks.1.hook_resid_post differs from run_a's blocks.0.hook_resid_post"),
+    row("compare", ["{RUN}", "{OTHER_D_MODEL}"], "run_b='{OTHER_D_MODEL}': d_model 64 differs from run_a's 32"),
+    row("compare", ["{RUN}", "{RUN}", "device=cuda"], "device='cuda': CUDA is not available on this machine"),
     # --- analyze and dashboard -------------------------------------------------------------------------------
     row("analyze", [], "run_dir: missing; usage: lm-saes analyze RUN_DIR"),
     row("analyze", ["/no/such/run"], "run_dir='/no/such/run': no such directory"),
@@ -137,7 +157,8 @@ MISTAKES = [
     row("dashboard", [], "run_dir: missing; usage: lm-saes dashboard RUN_DIR"),
     row("dashboard", ["{NOT_A_RUN}"], "no analysis/analysis.json and features.safetensors; run `lm-saes analyze RUN_DIR` first"),
     row("dashboard", ["{FUTURE}"], "has format_version 7; this lm_saes reads version 1"),
-    row("dashboard", ["{NOT_A_RUN}", "n_top_examples=-1"], "n_top_examples=-1: Input should be greater than or equal to 0"),
+    row("dashboard", ["{NOT_A_RUN}", "dashboard.n_top_examples=-1"],
+        "dashboard.n_top_examples=-1: Input should be greater than or equal to 0"),
 ]
 
 
@@ -160,10 +181,15 @@ def places(tiny_model_dir, corpus_file, tiny_run, tmp_path_factory) -> dict[str,
              "SHORT": ("short.jsonl", json.dumps({"text": "The cat sees a dog."}) + "\n")}
     for name, text in files.values():
         (root / name).write_text(text)
+    for name, change in (("other-hook", {"hook_point_in": "blocks.1.hook_resid_post"}), ("other-d-model", {"d_model": 64})):
+        shutil.copytree(tiny_run, root / name)
+        config = root / name / "config.json"
+        config.write_text(json.dumps({**json.loads(config.read_text()), **change}))
     cache = root / "cache"
     generate_activations(_generate_settings(tiny_model_dir, corpus_file, cache, total_tokens=2000))
     return {"RUN": str(tiny_run), "NOT_A_RUN": str(root / "not-a-run"), "FAILED_RUN": str(root / "failed-run"),
-            "FUTURE": str(root / "future"), "CACHE": str(cache), **{k: str(root / n) for k, (n, _) in files.items()}}
+            "FUTURE": str(root / "future"), "CACHE": str(cache),
+            "OTHER_HOOK": str(root / "other-hook"), "OTHER_D_MODEL": str(root / "other-d-model"), **{k: str(root / n) for k, (n, _) in files.items()}}
 
 
 def _snapshot(places: dict[str, str]) -> dict[str, list[str]]:

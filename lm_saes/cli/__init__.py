@@ -31,8 +31,12 @@ verbs:
             lm-saes evaluate RUN_DIR [evaluator.n_contexts=64 evaluator.ablation=mean ...]
   analyze   what each latent responds to, on held-out text; write RUN_DIR/analysis/:
             lm-saes analyze RUN_DIR [analysis.n_tokens=65536 analysis.n_top_examples=20 ...]
-  dashboard render RUN_DIR/analysis/ as one offline HTML page, RUN_DIR/dashboard.html:
-            lm-saes dashboard RUN_DIR [n_top_examples=10 output=PATH ...]
+  dashboard render RUN_DIR/analysis/ as pages that open from disk, RUN_DIR/dashboard/index.html:
+            lm-saes dashboard RUN_DIR [dashboard.n_top_examples=10 dashboard.single_file=true output=PATH ...]
+  inspect   per token of a text, the SAE's strongest latents and their activations (a terminal lens):
+            lm-saes inspect RUN_DIR "some text" [n_latents=5 device=cpu]
+  compare   match each latent of run A to its closest in run B by decoder cosine; RUN_A/compare/B.json:
+            lm-saes compare RUN_A RUN_B [output=PATH]
   export    write a run's SAE in SAELens's format (cfg.json + sae_weights.safetensors):
             lm-saes export RUN_DIR OUT_DIR [format=saelens]
   report    a sweep's jobs in one table (SWEEP_DIR/report.csv) and the L0-vs-fidelity frontier (frontier.png):

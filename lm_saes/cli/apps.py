@@ -47,6 +47,17 @@ def export(cfg: DictConfig) -> None:
     verb_job("export", cfg)
 
 
+@hydra.main(config_name=VERBS["inspect"].config, **_CONFIG)
+def inspect(cfg: DictConfig) -> None:
+    verb_job("inspect", cfg)
+
+
+@hydra.main(config_name=VERBS["compare"].config, **_CONFIG)
+def compare(cfg: DictConfig) -> None:
+    verb_job("compare", cfg)
+
+
 APPS = {"train": train, "generate": generate, "evaluate": evaluate, "analyze": analyze, "dashboard": dashboard,
-        "report": report, "export": export}
+        "report": report, "export": export,
+        "inspect": inspect, "compare": compare}
 """The Hydra application of each verb in the table."""

@@ -64,11 +64,35 @@ def inspected_sae(settings: Any, cfg: DictConfig) -> None:
     check_device_available(settings.device or source.model.device, "device")
 
 
+def training_run(settings: Any, cfg: DictConfig) -> None:
+    """settings.run_dir is a finished training run (inspect), and the device it will run on exists."""
+    from lm_saes.config_base import check_device_available
+    from lm_saes.runners.run_loading import load_run_settings
+
+    run = load_run_settings(Path(settings.run_dir))
+    check_device_available(settings.device or run.model.device, "device")
+
+
 def finished_run(settings: Any, cfg: DictConfig) -> None:
     """settings.run_dir is a finished training run (export)."""
     from lm_saes.runners.run_loading import load_run_settings
 
     load_run_settings(Path(settings.run_dir))
+
+
+def inspect_inputs(settings: Any, cfg: DictConfig) -> None:
+    """settings.text holds something, and settings.run_dir is a finished run on a device that exists (inspect)."""
+    from lm_saes.runners.lens import check_text
+
+    check_text(settings.text)
+    training_run(settings, cfg)
+
+
+def comparable_runs(settings: Any, cfg: DictConfig) -> None:
+    """Both runs are finished, with SAEs on the same hook points and d_model (compare)."""
+    from lm_saes.runners.compare import check_comparable
+
+    check_comparable(settings)
 
 
 def generate_inputs(settings: Any, cfg: DictConfig) -> None:

@@ -7,6 +7,7 @@ so that a bad key, value or preset fails before Hydra makes a run directory.
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 from typing import Any
 
@@ -234,14 +235,28 @@ def _explain_override_failure(error: Exception, parsed: list[Any], config_name: 
     return str(error).splitlines()[0]
 
 
+_OVERRIDE = re.compile(r"(\+\+|\+)?[A-Za-z_][\w/@.\[\]-]*=")
+"""A Hydra override (`key=v`, `+group/name@pkg=v`): any other argument is positional, so a text such as
+"x = 1" or "Hello, world." is one (`a=b` as a text has to be written `text='a=b'`)."""
+
+
 def with_positional(args: list[str], keys: tuple[str, ...]) -> list[str]:
     """`A B k=v ...` -> `keys[0]='A' keys[1]='B' k=v ...`: the arguments that are neither flags nor overrides, in
     order (quoted, so that any path survives Hydra's parser)."""
     out, remaining = [], list(keys)
     for arg in args:
-        if remaining and not arg.startswith("-") and "=" not in arg:
-            quoted = arg.replace("\\", "\\\\").replace("'", "\\'")
-            out.append(f"{remaining.pop(0)}='{quoted}'")
+        if remaining and not arg.startswith(("-", "~")) and not _OVERRIDE.match(arg):
+            out.append(f"{remaining.pop(0)}={_quoted(arg)}")
         else:
             out.append(arg)
     return out
+
+
+def _quoted(value: str) -> str:
+    """`value` as a quoted Hydra override value that composes back to exactly `value`."""
+    # OmegaConf reads `${` as an interpolation unless a backslash escapes it (and backslashes before it escape).
+    value = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", value)
+    # Hydra reads backslashes as escapes only before a quote, the closing one included.
+    value = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)
+    value = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, value)
+    return f"'{value}'"

@@ -55,6 +55,10 @@ VERBS: dict[str, Verb] = {
                       check="lm_saes.cli.checks:analysed_run"),
     "export": Verb("export", "lm_saes.runners.export:ExportSettings", "lm_saes.runners.export:export_run",
                    positional=("run_dir", "out_dir"), check="lm_saes.cli.checks:finished_run"),
+    "inspect": Verb("inspect", "lm_saes.runners.lens:InspectSettings", "lm_saes.runners.lens:inspect_text",
+                    positional=("run_dir", "text"), check="lm_saes.cli.checks:inspect_inputs"),
+    "compare": Verb("compare", "lm_saes.runners.compare:CompareSettings", "lm_saes.runners.compare:compare_runs",
+                    positional=("run_a", "run_b"), check="lm_saes.cli.checks:comparable_runs"),
     "report": Verb("report", "lm_saes.runners.report:ReportSettings", "lm_saes.runners.report:report_run",
                    positional=("run_dir",)),
 }

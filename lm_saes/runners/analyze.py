@@ -11,6 +11,7 @@ import math
 import time
 
 from lm_saes.analysis import AnalysisConfig, FeatureAnalysis, FeatureAnalyzer, save_analysis
+from lm_saes.progress import TokenProgress
 from lm_saes.runners.held_out import HeldOutRunSettings, load_held_out_run, tokens_phrase
 from lm_saes.runners.run_loading import load_inspected_sae
 
@@ -30,7 +31,11 @@ def analyze_run(settings: AnalyzeSettings) -> FeatureAnalysis:
     # Each context holds at most context_size - 1 text tokens (one BOS); one batch more covers EOS separators.
     n_contexts = math.ceil(cfg.n_tokens / (context_size - 1)) + cfg.model_batch_size
     run = load_held_out_run(settings, source, cfg.skip_tokens, context_size, n_contexts, "analysis", "analyse")
-    result = FeatureAnalyzer(cfg).analyze(run.sae, run.model, run.contexts)
+    progress = TokenProgress(cfg.n_tokens, "analyze")  # a bar with tokens/s and ETA on a terminal
+    try:
+        result = FeatureAnalyzer(cfg).analyze(run.sae, run.model, run.contexts, progress)
+    finally:
+        progress.close()
     result.info.update(run.info(), seconds=round(time.perf_counter() - started, 1))
     folder = save_analysis(result, source.folder, run.model.tokenizer)
     n_dead = len(result.info["dead_latents"])
