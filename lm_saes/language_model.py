@@ -156,6 +156,6 @@ def _boot(cfg: LanguageModelConfig) -> Any:
     except OSError as e:  # not a folder, not in the Hugging Face cache, and no network (or no such hub id)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserInputError(
-            "model.model_name", cfg.model_name, f"cannot load it ({first}); give a local HF folder, "
-            "builtin:smollm2-135m, or a hub id with a network",
+            "model.model_name", cfg.model_name, f"cannot load it ({first}); fetch it once with a network "
+            f"(hf download {source}), or give a local HF folder (model.model_name=FOLDER) or builtin:smollm2-135m",
         ) from None

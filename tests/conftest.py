@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -126,3 +128,36 @@ def tiny_run(tiny_model_dir: Path, corpus_file: Path, tmp_path_factory: pytest.T
     exactly which files its own verbs added."""
     # A space in the name: the positional run directory must survive Hydra's parser.
     return train_tiny_run(tiny_model_dir, corpus_file, tmp_path_factory.mktemp("run") / "a run")
+
+
+# --- the real sae-lens, in its own venv (scripts/saelens_venv.sh), driven by tests/saelens_driver.py ----------
+
+REPO = Path(__file__).resolve().parents[1]
+SAELENS_DRIVER = REPO / "tests" / "saelens_driver.py"
+
+
+@pytest.fixture(scope="session")
+def saelens_python() -> Path:
+    """The sae-lens venv's python, built on first use (a couple of minutes) and cached across runs."""
+    try:
+        proc = subprocess.run(["bash", str(REPO / "scripts" / "saelens_venv.sh")], capture_output=True, text=True,
+                              timeout=1800)
+        failure = None if proc.returncode == 0 else f"exit {proc.returncode} {proc.stderr.strip()[-300:]}"
+    except subprocess.TimeoutExpired:
+        failure = "timed out"
+    if failure is not None:
+        message = f"could not build the sae-lens venv (scripts/saelens_venv.sh): {failure}"
+        if os.environ.get("CI"):
+            pytest.fail(f"{message}: the SAELens round trips must run in CI")
+        pytest.skip(message)
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
+def run_driver(python: Path, jobs: list[dict[str, Any]], folder: Path) -> list[dict[str, Any]]:
+    """Run `jobs` (see tests/saelens_driver.py) in the sae-lens venv; one answer per job."""
+    jobs_file = folder / "jobs.json"
+    jobs_file.write_text(json.dumps(jobs))
+    proc = subprocess.run([str(python), str(SAELENS_DRIVER), str(jobs_file)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]

@@ -4,6 +4,8 @@
 
 Jobs (a JSON list, run in order, one sae-lens import for all):
   {"op": "create", "arch": NAME, "dir": DIR, "seed": N}   SAELens builds a random SAE of that kind and saves it
+      (optional "d_in", "d_sae": its size, default 16 x 64; "metadata": its cfg.json metadata, default SAE_META;
+      "identity": true: a standard SAE of d_sae = 2 d_in that reconstructs x exactly, see _identity)
   {"op": "run", "dir": DIR, "inputs": F, "outputs": G}     SAE.load_from_disk(DIR); writes to G its encode(x_BD),
                                                            decode(encode(x_BD)) and decode(latents_BS) of F
 This file imports only sae-lens and torch: it never runs in our venv.
@@ -38,18 +40,18 @@ def _randomize(sae: Any, threshold: str | None) -> None:
             elif name == "W_skip":
                 param.copy_(torch.randn_like(param) * 0.05)
         if threshold == "positive":
-            sae.threshold.copy_(torch.rand(D_SAE) * 0.9 + 0.1)
+            sae.threshold.copy_(torch.rand_like(sae.threshold) * 0.9 + 0.1)
         elif threshold == "mixed":
-            sae.threshold.copy_(torch.rand(D_SAE) - 0.5)
+            sae.threshold.copy_(torch.rand_like(sae.threshold) - 0.5)
 
 
-def _inference_sae(arch: str) -> tuple[Any, str | None]:
+def _inference_sae(arch: str, d_in: int, d_sae: int, metadata: dict[str, Any] | None) -> tuple[Any, str | None]:
     import sae_lens as sl
     from sae_lens.saes.sae import SAEMetadata
 
-    meta = SAEMetadata(**(TRANSCODER_META if "transcoder" in arch else SAE_META))
-    common: dict[str, Any] = {"d_in": D_IN, "d_sae": D_SAE, "metadata": meta}
-    tc = {**common, "d_out": D_IN, "apply_b_dec_to_input": False}
+    meta = SAEMetadata(**(metadata or (TRANSCODER_META if "transcoder" in arch else SAE_META)))
+    common: dict[str, Any] = {"d_in": d_in, "d_sae": d_sae, "metadata": meta}
+    tc = {**common, "d_out": d_in, "apply_b_dec_to_input": False}
     table: dict[str, tuple[Any, str | None]] = {
         "standard": (sl.StandardSAE(sl.StandardSAEConfig(**common)), None),
         "standard_no_b_dec_input": (sl.StandardSAE(sl.StandardSAEConfig(**common, apply_b_dec_to_input=False)), None),
@@ -81,7 +83,18 @@ def _training_sae(arch: str) -> Any:
         sl.MatryoshkaBatchTopKTrainingSAEConfig(**common, matryoshka_widths=[D_SAE // 4, D_SAE]))
 
 
-def create(arch: str, folder: str, seed: int) -> dict[str, Any]:
+def _identity(sae: Any) -> None:
+    """W_enc = [I, -I], W_dec = [I; -I], b_enc = 0, a random b_dec: relu(x - b) - relu(b - x) + b = x."""
+    eye = torch.eye(sae.cfg.d_in)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], dim=0))
+        sae.b_enc.zero_()
+        sae.b_dec.copy_(torch.randn_like(sae.b_dec))
+
+
+def create(arch: str, folder: str, seed: int, d_in: int = D_IN, d_sae: int = D_SAE,
+           metadata: dict[str, Any] | None = None, identity: bool = False) -> dict[str, Any]:
     torch.manual_seed(seed)
     if arch.endswith("_trained"):
         sae = _training_sae(arch)
@@ -92,8 +105,8 @@ def create(arch: str, folder: str, seed: int) -> dict[str, Any]:
             setattr(sae.cfg.metadata, key, value)
         sae.save_inference_model(folder)
     else:
-        sae, threshold = _inference_sae(arch)
-        _randomize(sae, threshold)
+        sae, threshold = _inference_sae(arch, d_in, d_sae, metadata)
+        _identity(sae) if identity else _randomize(sae, threshold)
         sae.save_model(folder)
     return {"op": "create", "arch": arch, "class": type(sae).__name__}
 
@@ -116,7 +129,8 @@ def main(jobs_file: str) -> None:
     for job in json.loads(Path(jobs_file).read_text()):
         try:
             if job["op"] == "create":
-                answer = create(job["arch"], job["dir"], job.get("seed", 0))
+                answer = create(job["arch"], job["dir"], job.get("seed", 0), job.get("d_in", D_IN),
+                                job.get("d_sae", D_SAE), job.get("metadata"), job.get("identity", False))
             else:
                 answer = run(job["dir"], job["inputs"], job["outputs"])
         except Exception as error:  # reported per job: a refusal by SAELens is a result too

@@ -1,8 +1,8 @@
 """The SAELens format both ways, checked against the real sae-lens (6.x) running in its own venv.
 
 sae-lens needs transformer-lens<4, which clashes with ours, so scripts/saelens_venv.sh builds it once into a
-cache folder and tests/saelens_driver.py runs it as a subprocess. Without that venv the slow tests skip
-(and fail in CI, where scripts/install.sh --test builds it).
+cache folder and tests/saelens_driver.py runs it as a subprocess (conftest's `saelens_python` and `run_driver`).
+Without that venv the slow tests skip (and fail in CI, where scripts/install.sh --test builds it).
 """
 
 from __future__ import annotations
@@ -24,38 +24,12 @@ from lm_saes.errors import UserInputError
 from lm_saes.interop import SAELensMetadata, read_saelens_metadata
 from lm_saes.interop.saelens import SAELENS_CFG_FILE, SAELENS_WEIGHTS_FILE
 from lm_saes.sae import SAEConfig, SparseAutoEncoder
+from tests.conftest import run_driver
 
-REPO = Path(__file__).resolve().parents[1]
-DRIVER = REPO / "tests" / "saelens_driver.py"
 D_MODEL, D_SAE = 16, 64  # as in the driver
 HOOK, HOOK_OUT = "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"
 METADATA = SAELensMetadata(model_name="tiny-test-model", context_size=32, dataset_path="tiny/dataset",
                            prepend_bos=True, exclude_special_tokens=True)
-
-
-@pytest.fixture(scope="module")
-def saelens_python() -> Path:
-    """The sae-lens venv's python, built on first use (a couple of minutes) and cached across runs."""
-    try:
-        proc = subprocess.run(["bash", str(REPO / "scripts" / "saelens_venv.sh")], capture_output=True, text=True,
-                              timeout=1800)
-        failure = None if proc.returncode == 0 else f"exit {proc.returncode} {proc.stderr.strip()[-300:]}"
-    except subprocess.TimeoutExpired:
-        failure = "timed out"
-    if failure is not None:
-        message = f"could not build the sae-lens venv (scripts/saelens_venv.sh): {failure}"
-        if os.environ.get("CI"):
-            pytest.fail(f"{message}: the SAELens round trips must run in CI")
-        pytest.skip(message)
-    return Path(proc.stdout.strip().splitlines()[-1])
-
-
-def run_driver(python: Path, jobs: list[dict[str, Any]], folder: Path) -> list[dict[str, Any]]:
-    jobs_file = folder / "jobs.json"
-    jobs_file.write_text(json.dumps(jobs))
-    proc = subprocess.run([str(python), str(DRIVER), str(jobs_file)], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
 def fixed_inputs(folder: Path) -> Path:

@@ -26,7 +26,8 @@ verbs:
   generate  run the model once and store its activations (an activation cache) for many training runs:
             lm-saes generate OUTPUT_DIR [hook_points=[blocks.6.hook_resid_post] total_tokens=1000000 ...]
             then: lm-saes train -m +sae=relu_8x activation_factory=cached activation_cache=OUTPUT_DIR ...
-  evaluate  splice a trained SAE into its model on held-out text; write RUN_DIR/eval.json, print a table:
+  evaluate  splice a trained SAE into its model on held-out text; write RUN_DIR/eval.json, print a table
+            (here and for analyze, RUN_DIR may also be a SAELens folder: see README "Interop"):
             lm-saes evaluate RUN_DIR [evaluator.n_contexts=64 evaluator.ablation=mean ...]
   analyze   what each latent responds to, on held-out text; write RUN_DIR/analysis/:
             lm-saes analyze RUN_DIR [analysis.n_tokens=65536 analysis.n_top_examples=20 ...]

@@ -54,8 +54,18 @@ def activation_caches(settings: Any | None, cfg: DictConfig) -> None:
         read_manifest(cfg.activation_cache, "activation_cache")
 
 
+def inspected_sae(settings: Any, cfg: DictConfig) -> None:
+    """settings.run_dir is a finished training run or an importable foreign SAE folder (evaluate, analyze), and
+    the device it will run on exists."""
+    from lm_saes.config_base import check_device_available
+    from lm_saes.runners.run_loading import load_inspected_sae
+
+    source = load_inspected_sae(settings)
+    check_device_available(settings.device or source.model.device, "device")
+
+
 def training_run(settings: Any, cfg: DictConfig) -> None:
-    """settings.run_dir is a finished training run (evaluate, analyze), and the device it will run on exists."""
+    """settings.run_dir is a finished training run (inspect), and the device it will run on exists."""
     from lm_saes.config_base import check_device_available
     from lm_saes.runners.run_loading import load_run_settings
 

@@ -1,13 +1,13 @@
-"""The evaluate runner: a finished run directory -> held-out contexts -> Evaluator -> eval.json and a table.
+"""The evaluate runner: a finished run directory (or a foreign SAE folder) -> held-out contexts -> Evaluator ->
+eval.json and a table.
 
 `evaluate_run(settings)` is what `lm-saes evaluate RUN_DIR` calls. Which text is held out (never trained on)
-is `held_out.py`'s to say; on another dataset (`dataset=`), it is read from its start.
+is `held_out.py`'s to say; on another dataset (`dataset=`), or for a foreign SAE, it is read from its start.
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -17,8 +17,8 @@ from rich.table import Table
 from lm_saes.evaluator import EvalResult, Evaluator, EvaluatorConfig
 from lm_saes.formatting import format_value
 from lm_saes.run_dir import EVAL_FILE, write_json_atomic
-from lm_saes.runners.held_out import HeldOutRunSettings, load_held_out_run
-from lm_saes.runners.run_loading import load_run_settings
+from lm_saes.runners.held_out import HeldOutRunSettings, load_held_out_run, tokens_phrase
+from lm_saes.runners.run_loading import load_inspected_sae
 
 
 class EvaluateSettings(HeldOutRunSettings):
@@ -29,20 +29,16 @@ class EvaluateSettings(HeldOutRunSettings):
 
 def evaluate_run(settings: EvaluateSettings, console: Console | None = None) -> EvalResult:
     """Evaluate the SAE in `settings.run_dir` on held-out text; write eval.json there and print a table."""
-    run_dir = Path(settings.run_dir)
     cfg = settings.evaluator
-    run = load_held_out_run(settings, load_run_settings(run_dir), cfg.skip_tokens, cfg.context_size, cfg.n_contexts,
-                            "evaluator", "evaluate")
+    run = load_held_out_run(settings, load_inspected_sae(settings), cfg.skip_tokens, cfg.context_size,
+                            cfg.n_contexts, "evaluator", "evaluate")
     contexts = run.contexts
     console = console or Console(width=None if sys.stdout.isatty() else 140)  # a pipe gets no narrow wrap
     if len(contexts) < cfg.n_contexts:
         console.print(f"[yellow]warning: the corpus ends after {len(contexts)} held-out contexts of {cfg.n_contexts}")
     result = Evaluator(cfg).evaluate(run.sae, run.model, contexts)
-    result.info.update(
-        run_dir=str(run_dir), dataset=run.dataset_cfg.dataset_name_or_path, skip_tokens=run.skip_tokens,
-        context_size=run.context_size,
-    )
-    write_json_atomic(run_dir / EVAL_FILE, result.to_json())
+    result.info.update(run.info())
+    write_json_atomic(run.source.folder / EVAL_FILE, result.to_json())
     print_table(result, console)
     return result
 
@@ -68,7 +64,8 @@ _ROWS: list[tuple[str, list[tuple[str, str]]]] = [
 
 def print_table(result: EvalResult, console: Console) -> None:
     info = result.info
-    title = (f"{info.get('run_dir', 'SAE')}: {info['hook_point_out']}, {info['n_tokens']:,} held-out tokens, "
+    tokens = tokens_phrase(info.get("held_out"))
+    title = (f"{info.get('run_dir', 'SAE')}: {info['hook_point_out']}, {info['n_tokens']:,} {tokens}, "
              f"{info['ablation']} ablation")
     table = Table(title=title, title_justify="left")
     for name, justify in (("group", "left"), ("metric", "left"), ("value", "right"), ("meaning", "left")):
