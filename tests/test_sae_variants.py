@@ -43,7 +43,8 @@ def test_batchtopk_shares_k_times_batch_and_learns_a_threshold_for_inference() -
 
 
 def test_jumprelu_threshold_gets_a_gradient_only_near_the_threshold() -> None:
-    sae = _sae("jumprelu", jumprelu_init_threshold=0.5, jumprelu_bandwidth=0.2)
+    # Both are given in the paper's units and scaled by sqrt(d_model) = 4: threshold 0.5, bandwidth 0.2.
+    sae = _sae("jumprelu", jumprelu_init_threshold=0.125, jumprelu_bandwidth=0.05)
     pre = torch.tensor([[0.45, 0.55, 2.0, -1.0] * 32])
     latents = sae.activation_function(pre)
     assert torch.equal(latents, pre * (pre > 0.5))
@@ -84,7 +85,7 @@ def test_k_anneals_from_initial_to_final() -> None:
     sae = _sae("topk", top_k_initial=20, top_k_anneal_fraction=0.5)
     ks = []
     for fraction in (0.0, 0.25, 0.5, 0.9):
-        sae.activation_function.set_progress(fraction)
+        sae.activation_function.set_progress(round(fraction * 100), 100)
         ks.append(sae.activation_function.k)
     assert ks == [20, 12, 4, 4]
 

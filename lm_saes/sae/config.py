@@ -39,19 +39,28 @@ class SAEConfig(BaseConfig):
     aux_k: int = Field(512, ge=0)
     """AuxK: how many dead latents model the residual (0 turns AuxK off)."""
     aux_k_coefficient: float = Field(1 / 32, ge=0)
-    """Weight of the (normalised) AuxK loss."""
+    """Weight of the AuxK loss relative to the reconstruction loss, both normalised as in the reference
+    (Gao et al., 2024: normalised MSE + aux_k_coefficient x the AuxK residual's normalised MSE)."""
+    unit_decoder_norm: bool | None = None
+    """Hold every decoder row at unit norm while training (the gradient's component along the row is removed
+    before each step, the row renormalised after it). None: the variant's default, true for the TopK family
+    (topk, batchtopk), as in the reference, so that a latent cannot win the top k by a small decoder norm."""
     sparse_topk: bool = True
     """topk: decode by gathering the k decoder rows and backpropagate only through the selected latents.
     False runs the dense reference (same outputs and gradients, d_sae/k times more work)."""
     batchtopk_threshold_momentum: float = Field(0.01, gt=0, le=1)
     """batchtopk: moving-average rate of the inference threshold (the smallest kept activation)."""
+    batchtopk_threshold_window: float = Field(0.1, gt=0, le=1)
+    """batchtopk: the last fraction of training over which the inference threshold is the plain mean of the
+    batches' smallest kept activations (at least one step), so that it fits the final weights."""
 
     # --- jumprelu ---
-    jumprelu_init_threshold: float = Field(0.1, gt=0)
-    """Initial per-latent threshold (on normalised pre-activations)."""
-    jumprelu_bandwidth: float = Field(0.05, gt=0)
-    """Width of the rectangle kernel of the straight-through estimator."""
-    jumprelu_sparsity: Literal["tanh", "l0"] = "tanh"
+    jumprelu_init_threshold: float = Field(0.001, gt=0)
+    """Initial per-latent threshold, in the paper's units (inputs of unit mean squared norm): it is multiplied
+    by sqrt(d_model), since the SAE's inputs are normalised to mean norm sqrt(d_model)."""
+    jumprelu_bandwidth: float = Field(0.001, gt=0)
+    """Width of the rectangle kernel of the straight-through estimator, in the same units as the threshold."""
+    jumprelu_sparsity: Literal["tanh", "l0"] = "l0"
     """The penalty: sum tanh(c f ||W_D||) or the L0 count (both through the estimator)."""
     jumprelu_tanh_scale: float = Field(4.0, gt=0)
     """c in the tanh penalty."""
