@@ -142,9 +142,3 @@ def test_the_cli_trainer_defaults_are_the_python_defaults() -> None:
     python = TrainerConfig().model_dump(mode="json")
     cli.pop("exp_result_path")  # the CLI's: null, filled with Hydra's run directory
     assert {k: python[k] for k in cli} == {k: (list(v) if isinstance(v, tuple) else v) for k, v in cli.items()}
-
-
-def test_the_default_l1_gives_a_sparse_relu_sae_at_the_walkthrough_learning_rate(tmp_path) -> None:
-    sae = _sae("relu")
-    final = _fit(sae, 150, tmp_path, lr=1e-4)
-    assert final["l0"] < D  # sparser than the input's dimension (~2.6 planted features per row)

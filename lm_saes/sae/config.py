@@ -55,17 +55,20 @@ class SAEConfig(BaseConfig):
     batches' smallest kept activations (at least one step), so that it fits the final weights."""
 
     # --- jumprelu ---
-    jumprelu_init_threshold: float = Field(0.001, gt=0)
-    """Initial per-latent threshold, in the paper's units (inputs of unit mean squared norm): it is multiplied
-    by sqrt(d_model), since the SAE's inputs are normalised to mean norm sqrt(d_model)."""
-    jumprelu_bandwidth: float = Field(0.001, gt=0)
+    jumprelu_init_threshold: float = Field(0.1, gt=0)
+    """Initial per-latent threshold in units of inputs of unit mean squared norm (the paper's; it uses 0.001
+    over ~100K steps): it is multiplied by sqrt(d_model), since the SAE's inputs have mean norm sqrt(d_model).
+    A threshold learns in log space, at most ~lr per Adam step, so a short run needs it to start near its
+    final scale."""
+    jumprelu_bandwidth: float = Field(0.05, gt=0)
     """Width of the rectangle kernel of the straight-through estimator, in the same units as the threshold."""
-    jumprelu_sparsity: Literal["tanh", "l0"] = "l0"
+    jumprelu_sparsity: Literal["tanh", "l0"] = "tanh"
     """The penalty: sum tanh(c f ||W_D||) or the L0 count (both through the estimator)."""
     jumprelu_tanh_scale: float = Field(4.0, gt=0)
     """c in the tanh penalty."""
-    jumprelu_lr_factor: float = Field(1.0, gt=0)
-    """The threshold's learning rate relative to trainer.lr."""
+    jumprelu_lr_factor: float = Field(10.0, gt=0)
+    """The threshold's learning rate relative to trainer.lr: 10, so that a log threshold can travel in a
+    budget of a few hundred steps."""
 
     # --- state of saved weights ---
     activation_norm_folded: bool = False
