@@ -29,9 +29,9 @@ def test_unknown_verb(capsys) -> None:
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        ([], "sae: missing; choose a preset with +sae=NAME, one of: batchtopk_8x, jumprelu_8x, relu_8x, topk_8x, "
-             "transcoder_relu_8x, transcoder_topk_8x"),
-        (["+sae=relu_9x"], "sae=relu_9x: unknown preset; available: batchtopk_8x, jumprelu_8x, relu_8x, topk_8x,"),
+        ([], "sae: missing; choose a preset with +sae=NAME, one of: batchtopk_8x, gated_8x, jumprelu_8x, "
+             "matryoshka_batchtopk_8x, relu_8x, topk_8x, transcoder_relu_8x, transcoder_topk_8x"),
+        (["+sae=relu_9x"], "sae=relu_9x: unknown preset; available: batchtopk_8x, gated_8x, jumprelu_8x,"),
         (["+sae=relu_8x", "trainer.lrr=3"], "trainer.lrr=3: unknown key; allowed in trainer: amp_dtype, lr,"),
         (["+sae=relu_8x", "+trainer.lrr=3"], "trainer.lrr=3: unknown key; allowed here: amp_dtype, lr,"),
         (["+sae=relu_8x", "sae.expansion_factr=16"], "sae.expansion_factr=16: unknown key; allowed in sae:"),

@@ -140,3 +140,34 @@ def test_folding_in_place_keeps_outputs() -> None:
     before = sae(x)
     sae.fold_activation_norm()
     torch.testing.assert_close(sae(x), before)
+
+
+def test_gated_paths_share_the_encoder_and_the_aux_loss_leaves_the_decoder_alone() -> None:
+    sae = _sae("gated")
+    af = sae.activation_function
+    with torch.no_grad():
+        af.r_mag.fill_(0.5)
+        af.b_gate.fill_(-0.2)
+        af.b_mag.fill_(0.1)
+    x = torch.randn(32, 16)
+    pre = x @ sae.W_E
+    expected = (pre - 0.2 > 0) * torch.relu(pre * torch.exp(torch.tensor(0.5)) + 0.1)
+    torch.testing.assert_close(sae.encode_normalized(x), expected)
+    aux = af.auxiliary_loss(x, pre, sae.W_D, sae.b_D, x)
+    aux.backward()
+    assert sae.W_D.grad is None and sae.W_E.grad.abs().sum() > 0 and af.b_gate.grad.abs().sum() > 0
+
+
+def test_matryoshka_prefixes_each_reconstruct_with_their_own_k() -> None:
+    sae = _sae("matryoshka_batchtopk", matryoshka_prefixes=[16, 0.25])
+    af = sae.activation_function
+    assert af.prefix_sizes() == [16, 32, 128]
+    x = torch.randn(64, 16)
+    out = sae.compute_loss(x, x, 0.0)
+    pre = sae.pre_activations(x)
+    expected = []
+    for m in (16, 32, 128):
+        latents = af.batch_select(pre[:, :m], 4)
+        assert (latents > 0).sum() <= 4 * 64
+        expected.append((latents @ sae.W_D[:m] + sae.b_D - x).pow(2).sum(-1).mean())
+    assert out.loss.item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-5)

@@ -48,8 +48,8 @@ class ActivationFunction(nn.Module):
         parameters, and the SAE's, learn at `lr`)."""
         return []
 
-    def reconstruction_loss(self, latents_BS: torch.Tensor, W_D_SD: torch.Tensor, b_D_D: torch.Tensor,
-                            target_BD: torch.Tensor) -> torch.Tensor | None:
+    def reconstruction_loss(self, pre_BS: torch.Tensor, latents_BS: torch.Tensor, W_D_SD: torch.Tensor,
+                            b_D_D: torch.Tensor, target_BD: torch.Tensor) -> torch.Tensor | None:
         """A variant's own reconstruction loss on the dense latents (e.g. Matryoshka's sum over nested
         prefixes); None (the default): the squared error of the full reconstruction."""
         return None

@@ -10,6 +10,8 @@ so that adding a variant changes neither the model nor the trainer:
 | topk      | the k largest relu(pre) per token         | none (AuxK on dead latents, see sae/model.py) |
 | batchtopk | training: the k*batch largest over the batch; inference: pre where pre > learned threshold | none (AuxK) |
 | jumprelu  | pre where pre > exp(log_threshold_i)      | tanh(c f_i ||W_D[i]||) or the L0 count, via a straight-through estimator |
+| matryoshka_batchtopk | batchtopk; every nested prefix of the dictionary reconstructs too | none (AuxK) |
+| gated     | 1[x W_E + b_gate > 0] relu(exp(r_mag) x W_E + b_mag) | sum_i relu(gate_i) ||W_D[i]||, plus the gate's reconstruction through a detached decoder |
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from lm_saes.sae.act_base import ActivationFunction
+from lm_saes.sae.gated import Gated
 from lm_saes.sae.jumprelu import JumpReLU
-from lm_saes.sae.topk import BatchTopK, TopK
+from lm_saes.sae.topk import BatchTopK, MatryoshkaBatchTopK, TopK
 
 if TYPE_CHECKING:
     from lm_saes.sae.config import SAEConfig
@@ -42,6 +45,8 @@ ACTIVATION_FUNCTIONS: dict[str, type[ActivationFunction]] = {
     "topk": TopK,
     "batchtopk": BatchTopK,
     "jumprelu": JumpReLU,
+    "matryoshka_batchtopk": MatryoshkaBatchTopK,
+    "gated": Gated,
 }
 
 

@@ -25,7 +25,8 @@ class SAEConfig(BaseConfig):
     """The model's hidden size; None means "take it from the model" (the runner fills it in and checks it)."""
     expansion_factor: int = Field(8, gt=0)
     act_fn: str = "relu"
-    """One of the registry in lm_saes/sae/activation_functions.py: relu, topk, batchtopk, jumprelu."""
+    """One of the registry in lm_saes/sae/activation_functions.py: relu, topk, batchtopk, jumprelu,
+    matryoshka_batchtopk, gated."""
     dtype: DType = torch.float32
     device: Device = "cpu"
 
@@ -50,6 +51,9 @@ class SAEConfig(BaseConfig):
     False runs the dense reference (same outputs and gradients, d_sae/k times more work)."""
     batchtopk_threshold_momentum: float = Field(0.01, gt=0, le=1)
     """batchtopk: moving-average rate of the inference threshold (the smallest kept activation)."""
+    matryoshka_prefixes: list[float] | None = None
+    """matryoshka_batchtopk: the nested prefixes that each reconstruct the input, as latent counts (>= 1) or
+    fractions of d_sae (< 1); the whole dictionary is always the last. None: the whole dictionary only."""
     batchtopk_threshold_window: float = Field(0.1, gt=0, le=1)
     """batchtopk: the last fraction of training over which the inference threshold is the plain mean of the
     batches' smallest kept activations (at least one step), so that it fits the final weights."""

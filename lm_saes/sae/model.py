@@ -168,7 +168,7 @@ class SparseAutoEncoder(nn.Module):
             sparsity = af.sparsity_loss(pre_BS, latents_BS, self.decoder_norms())
             extra = af.auxiliary_loss(x_BD, pre_BS, self.W_D, self.b_D, target_BD)
         mse = (reconstruction_BD - target_BD).pow(2).sum(dim=-1).mean()
-        own = af.reconstruction_loss(latents_BS, self.W_D, self.b_D, target_BD) if latents_BS is not None else None
+        own = None if sparse is not None else af.reconstruction_loss(pre_BS, latents_BS, self.W_D, self.b_D, target_BD)
         aux = self._aux_k_loss(x_BD, (target_BD - reconstruction_BD).detach(), dead_S)
         variance = target_BD.detach().float().var(dim=0, unbiased=False).sum()
         loss = (mse if own is None else own) + sparsity_coefficient * sparsity + extra

@@ -1,4 +1,5 @@
-"""The TopK family: TopK (Gao et al., 2024) and BatchTopK (Bussmann et al., 2024)."""
+"""The TopK family: TopK (Gao et al., 2024), BatchTopK (Bussmann et al., 2024) and Matryoshka BatchTopK
+(Bussmann et al., 2025; Nabeshima, 2024)."""
 
 from __future__ import annotations
 
@@ -86,15 +87,15 @@ class BatchTopK(TopK):
     def forward(self, pre_BS: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return pre_BS * (pre_BS > self.threshold)
-        return self.batch_select(pre_BS, self.k)
+        return self.batch_select(pre_BS, self.k, learn_threshold=True)
 
-    def batch_select(self, pre_BS: torch.Tensor, k: int) -> torch.Tensor:
-        """The k*batch largest relu(pre) of the batch (dense); updates the threshold when training."""
+    def batch_select(self, pre_BS: torch.Tensor, k: int, learn_threshold: bool = False) -> torch.Tensor:
+        """The k*batch largest relu(pre) of the batch (dense); with `learn_threshold`, updates the threshold."""
         flat = torch.relu(pre_BS).flatten()
         n_keep = min(k * pre_BS.shape[0], flat.numel())
         values, indices = flat.topk(n_keep, sorted=False)
         latents_BS = torch.zeros_like(flat).scatter(0, indices, values).view_as(pre_BS)
-        if torch.is_grad_enabled():  # not on a look without training (e.g. the initializer's search)
+        if learn_threshold and torch.is_grad_enabled():  # not on a look without training (the init search)
             self._update_threshold(values.detach().float())
         return latents_BS
 
@@ -115,3 +116,28 @@ class BatchTopK(TopK):
         else:
             weight = self._final_weight if self._final_weight is not None else self.cfg.batchtopk_threshold_momentum
             self.threshold.lerp_(smallest, weight)
+
+
+class MatryoshkaBatchTopK(BatchTopK):
+    """BatchTopK whose nested prefixes of the dictionary (`sae.matryoshka_prefixes`) each reconstruct the input.
+
+    A known failure, one global top k with every prefix's loss at equal weight, rewards the first latents in
+    every term until they turn dense. Here each prefix is a BatchTopK SAE of its own: it selects its own k x
+    batch latents among its first m, so a small prefix must reconstruct with k latents as a small SAE would;
+    the loss is the mean of the prefixes' squared errors, so the total keeps the scale of one reconstruction.
+    The full dictionary's selection is the one used for the latents, the threshold and inference.
+    """
+
+    def prefix_sizes(self) -> list[int]:
+        d_sae = self.cfg.d_sae
+        sizes = {round(p * d_sae) if p < 1 else int(p) for p in self.cfg.matryoshka_prefixes or []}
+        return sorted({min(max(s, 1), d_sae) for s in sizes} | {d_sae})
+
+    def reconstruction_loss(self, pre_BS: torch.Tensor, latents_BS: torch.Tensor, W_D_SD: torch.Tensor,
+                            b_D_D: torch.Tensor, target_BD: torch.Tensor) -> torch.Tensor | None:
+        losses = []
+        for m in self.prefix_sizes():
+            prefix_BM = latents_BS if m == latents_BS.shape[1] else self.batch_select(pre_BS[:, :m], self.k)
+            reconstruction_BD = prefix_BM @ W_D_SD[:m] + b_D_D
+            losses.append((reconstruction_BD - target_BD).pow(2).sum(dim=-1).mean())
+        return torch.stack(losses).mean()
