@@ -40,6 +40,25 @@ def parse_device(value: Any) -> str:
     return str(value)
 
 
+def check_device_available(device: str, key: str) -> None:
+    """Raise UserInputError (naming `key`) unless this machine can run on `device`.
+
+    Configs accept any device name (a run trained on a GPU is read back on a laptop); runners call this before
+    they put anything on the device, so a missing GPU is one line rather than torch's assertion."""
+    from lm_saes.errors import UserInputError
+
+    kind = torch.device(device)
+    if kind.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch was built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise UserInputError(key, device, f"CUDA is not available on this machine ({why}); use cpu")
+        if kind.index is not None and kind.index >= torch.cuda.device_count():
+            raise UserInputError(key, device, f"only {torch.cuda.device_count()} GPU(s) are visible: cuda:0.."
+                                 f"cuda:{torch.cuda.device_count() - 1}")
+    elif kind.type == "mps" and not torch.backends.mps.is_available():
+        raise UserInputError(key, device, "MPS (Apple GPU) is not available on this machine; use cpu")
+
+
 Device = Annotated[str, BeforeValidator(parse_device)]
 
 DType = Annotated[torch.dtype, BeforeValidator(parse_dtype), PlainSerializer(dtype_name, return_type=str)]

@@ -91,7 +91,11 @@ def _load(cfg: DatasetConfig, key: str) -> Any:
         return _load_local(path, cfg, key)
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise UserInputError(key, name, "no such file or folder (nor a hub id of the form owner/name)")
-    return datasets.load_dataset(name, split=cfg.split, streaming=cfg.streaming)
+    try:
+        return datasets.load_dataset(name, split=cfg.split, streaming=cfg.streaming)
+    except (OSError, datasets.exceptions.DatasetsError) as e:  # offline, unknown, or private: not a bug of ours
+        raise UserInputError(key, name, f"cannot load it from the Hugging Face hub ({_first_line(e)}); give a "
+                             f"local file or folder, {BUILTIN_CORPUS}, or a hub id with a network") from None
 
 
 def _load_local(path: Path, cfg: DatasetConfig, key: str) -> Any:
@@ -107,6 +111,8 @@ def _load_local(path: Path, cfg: DatasetConfig, key: str) -> Any:
         raise UserInputError(key, str(path), f"no data files; expected one of {', '.join(sorted(_EXTENSION_BUILDERS))}")
     if len(builders) > 1:
         raise UserInputError(key, str(path), f"mixes file kinds {sorted(builders)}; use one kind per dataset")
+    if all(p.stat().st_size == 0 for p in files):  # datasets' builders fail on these in builder-specific ways
+        raise UserInputError(key, str(path), "the corpus is empty: it gave no text tokens")
     builder = builders.pop()
     kwargs: dict[str, Any] = {"sample_by": cfg.text_sample_by} if builder == "text" else {}
     try:
@@ -115,8 +121,15 @@ def _load_local(path: Path, cfg: DatasetConfig, key: str) -> Any:
         if "corresponds to no data" in str(e):  # files with no rows at all
             raise UserInputError(key, str(path), "the corpus is empty: it gave no text tokens") from None
         raise
+    except datasets.exceptions.DatasetsError as e:  # malformed files: the cause names the line or field
+        raise UserInputError(key, str(path), f"cannot be read as {builder} files ({_first_line(e.__cause__ or e)})") \
+            from None
     if cfg.text_column not in dataset.column_names:
         raise UserInputError(
             "dataset.text_column", cfg.text_column, f"not a column of {path}; columns: {', '.join(dataset.column_names)}"
         )
     return dataset
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]

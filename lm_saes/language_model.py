@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from lm_saes.config_base import BaseConfig, Device, DType
+from lm_saes.config_base import BaseConfig, Device, DType, check_device_available
 from lm_saes.embedded_model import embedded_model_dir, is_embedded
 from lm_saes.errors import UserInputError
 
@@ -72,6 +72,13 @@ class TransformerLensLanguageModel:
                     f"the model has no such hook point; use TransformerLens names such as "
                     f"blocks.0..{last}.hook_resid_post, blocks.N.ln2.hook_normalized, blocks.N.hook_mlp_out",
                 )
+
+    def check_context_size(self, context_size: int, key: str) -> None:
+        """Raise UserInputError unless contexts of `context_size` tokens fit the model's positions."""
+        n_ctx = int(getattr(self.bridge.cfg, "n_ctx", 0) or 0)
+        if n_ctx and context_size > n_ctx:
+            raise UserInputError(key, context_size, f"longer than the model's context window ({n_ctx:,} tokens); "
+                                 f"use at most {n_ctx}")
 
     def stop_layer(self, hook_points: Sequence[str]) -> int | None:
         """The first block the forward can skip: one past the deepest `blocks.N` asked for."""
@@ -143,4 +150,12 @@ def _boot(cfg: LanguageModelConfig) -> Any:
             "(owner/name) or builtin:smollm2-135m",
         )
     source = os.path.expanduser(source)
-    return TransformerBridge.boot_transformers(source, device=cfg.device, dtype=cfg.dtype)
+    check_device_available(cfg.device, "model.device")
+    try:
+        return TransformerBridge.boot_transformers(source, device=cfg.device, dtype=cfg.dtype)
+    except OSError as e:  # not a folder, not in the Hugging Face cache, and no network (or no such hub id)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserInputError(
+            "model.model_name", cfg.model_name, f"cannot load it ({first}); give a local HF folder, "
+            "builtin:smollm2-135m, or a hub id with a network",
+        ) from None

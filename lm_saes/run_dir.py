@@ -8,6 +8,7 @@
 | metrics.json             | the runner (final metrics) |
 | status.json              | the runner: "running" at start, "ok"/"failed" last |
 | eval.json                | `lm-saes evaluate`, later |
+| traceback.txt            | `lm-saes`, when an error that is not the user's mistake ends a verb |
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lm_saes.errors import RunDirectoryError
+from lm_saes.errors import RunDirectoryError, UserInputError
 
 STATUS_FILE = "status.json"
 METRICS_FILE = "metrics.json"
 RUN_CONFIG_FILE = "config.yaml"
+TRACEBACK_FILE = "traceback.txt"
+"""Where `lm-saes` puts the traceback of an error that was not the user's mistake (its one line names it)."""
 EVAL_FILE = "eval.json"
 
 
@@ -68,14 +71,20 @@ def is_finished(run_dir: Path) -> bool:
     return status is not None and status.get("status") == "ok"
 
 
-def claim(run_dir: Path, overwrite: bool) -> None:
-    """Refuse a directory that holds a finished run unless `overwrite`; then mark it as running."""
+def claim(run_dir: Path, overwrite: bool, key: str = "trainer.exp_result_path") -> None:
+    """Refuse a directory that holds a finished run unless `overwrite`; then mark it as running.
+
+    A directory that cannot be made or written is a UserInputError naming `key`, the setting that chose it."""
     if is_finished(run_dir) and not overwrite:
         raise RunDirectoryError(
             f"{run_dir} already holds a finished run (status.json says ok); "
-            "choose another trainer.exp_result_path or pass trainer.overwrite=true"
+            f"choose another {key} or pass trainer.overwrite=true"
         )
-    write_status(run_dir, "running")
+    try:
+        write_status(run_dir, "running")
+    except OSError as e:
+        raise UserInputError(key, str(run_dir), f"cannot create or write the run directory there ({e.strerror or e}); "
+                             "choose a writable folder") from None
 
 
 def write_status(run_dir: Path, status: str, **extra: Any) -> None:

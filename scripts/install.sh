@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up .venv with lm_saes and everything it needs, offline-capable once done.
 #   bash scripts/install.sh          the package and the embedded model
-#   bash scripts/install.sh --test   ... plus the test extras, Debian's chromium and a single-node SLURM for the tests
+#   bash scripts/install.sh --test   ... plus the test extras, Debian's chromium, a single-node SLURM and the
+#                                    sae-lens venv (scripts/saelens_venv.sh) for the tests
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -29,5 +30,9 @@ if [ "${1:-}" = "--test" ]; then
         { $sudo apt-get update -qq && $sudo apt-get install -y -qq $packages >/dev/null; } \
             || echo "warning: could not install$packages (apt-get); the tests needing them will skip (fail in CI)" >&2
     fi
+    # The real sae-lens in a venv of its own (it needs transformer-lens<4): tests/test_interop_saelens.py checks
+    # our SAELens format against it. About 1.5 minutes and 1.9 GB the first time; cached, so then instant.
+    bash scripts/saelens_venv.sh >/dev/null \
+        || echo "warning: could not build the sae-lens venv; the SAELens round-trip tests will skip (fail in CI)" >&2
 fi
 echo "lm_saes installed in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

@@ -28,7 +28,6 @@ from lm_saes import (
 )
 from lm_saes.activation import ActivationStream
 from lm_saes.activation.cache import MANIFEST_FILE, iter_cache_rows, read_manifest
-from lm_saes.cli import main
 from lm_saes.errors import UserInputError
 from lm_saes.runners.held_out import held_out_plan
 from lm_saes.runners.train import check_activation_caches
@@ -292,35 +291,6 @@ def test_generate_refuses_to_clobber_or_mix_settings(tiny_model_dir, corpus_file
 
 
 # --- (e) the command line -------------------------------------------------------------------------------------
-
-def test_cli_cache_mistakes_are_one_line_before_any_run_directory(tiny_model_dir, cache, tmp_path, capsys) -> None:
-    run_dir = tmp_path / "run"
-    for overrides, expected in [
-        ([], "activation_cache: missing; activation_factory=cached trains from the activation cache at activation_cache=DIR"),
-        (["activation_cache=/no/such"], "activation_cache='/no/such': no such directory"),
-        ([f"activation_cache={cache}"], f"model.model_name='builtin:smollm2-135m': the activation cache {cache} holds"),
-        (["activation_factory.sources=[{type:activations,pth:x}]"],
-         "activation_factory.sources.0.pth='x': unknown key; allowed here: type, path"),
-        (["activation_factory.sources=[{type:cache}]"],
-         "activation_factory.sources.0={'type': 'cache'}: unknown type 'cache'; allowed: 'dataset', 'activations'"),
-    ]:
-        assert main(["train", "+sae=relu_8x", "activation_factory=cached", *overrides, f"hydra.run.dir={run_dir}"]) == 2
-        err = capsys.readouterr().err
-        assert err.startswith("lm-saes train: ") and expected in err, err
-        assert len(err.strip().splitlines()) == 1
-    # A sweep's jobs share the cache: a bad one stops the sweep before any job starts.
-    sweep = tmp_path / "sweep"
-    assert main(["train", "-m", "+sae=relu_8x", "activation_factory=cached", "activation_cache=/no/such",
-                 "sae.expansion_factor=2,4", f"hydra.sweep.dir={sweep}"]) == 2
-    err = capsys.readouterr().err
-    assert "activation_cache='/no/such': no such directory" in err and len(err.strip().splitlines()) == 1, err
-    assert not sweep.exists()
-    assert main(["generate", str(cache), f"model.model_name={tiny_model_dir}", "context_size=1"]) == 2
-    assert "lm-saes generate: context_size=1: Input should be greater than or equal to 2" in capsys.readouterr().err
-    assert main(["generate"]) == 2
-    assert "output_dir: missing; usage: lm-saes generate OUTPUT_DIR" in capsys.readouterr().err
-    assert not run_dir.exists()
-
 
 @pytest.mark.slow
 def test_generate_then_a_sweep_from_the_cache_through_the_cli(tiny_model_dir, corpus_file, tmp_path) -> None:

@@ -89,6 +89,14 @@ def test_the_planted_latents_find_exactly_their_tokens(tiny_model, contexts) -> 
     dead = result.info["dead_latents"]
     assert DEAD in dead and DETECTOR not in dead and ANTI not in dead and len(dead) == sae.cfg.d_sae - 2
     assert (t["top_context"][DEAD] == -1).all() and (t["logit_top_ids"][DEAD] == -1).all()
+    # Decoder neighbours: DETECTOR's and ANTI's rows are the only non-zero ones, at the cosine of cat's and
+    # -dog's unembeddings; every zero row has cosine 0 with everything.
+    W_U = tiny_model.bridge.W_U.detach().float()
+    expected = float(torch.nn.functional.cosine_similarity(W_U[:, cat], -W_U[:, dog], dim=0))
+    nearest = int(t["neighbour_ids"][DETECTOR, 0])
+    assert nearest == ANTI if expected > 0 else nearest != ANTI
+    assert float(t["neighbour_cosine"][DETECTOR].max()) == pytest.approx(max(expected, 0.0), abs=1e-5)
+    assert t["neighbour_ids"].shape == (sae.cfg.d_sae, 10) and DETECTOR not in t["neighbour_ids"][DETECTOR].tolist()
 
 
 def test_memory_stays_flat_as_tokens_grow(tiny_model, contexts) -> None:

@@ -1,4 +1,4 @@
-"""The dashboard page: self-contained, compact, and working in a real headless Chromium.
+"""The dashboard: a folder of local scripts (or one self-contained file), working in a real headless Chromium.
 
 The browser tests need Debian's chromium (`scripts/install.sh --test` installs it). Where it is missing they
 fail in CI (env CI set) and skip, saying why, elsewhere.
@@ -6,6 +6,7 @@ fail in CI (env CI set) and skip, saying why, elsewhere.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -17,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from lm_saes.analysis import AnalysisConfig, FeatureAnalyzer, save_analysis
-from lm_saes.analysis.dashboard import render_dashboard
+from lm_saes.analysis.dashboard import DashboardConfig, write_dashboard
+from lm_saes.analysis.dashboard_data import fnv1a
 from lm_saes.analysis.files import load_analysis
 from lm_saes.runners.dashboard import DashboardSettings, dashboard_run
 from tests.test_analyzer import ANTI, DETECTOR, detector_sae
@@ -45,14 +47,34 @@ def page(analysed_run) -> Path:
     return dashboard_run(DashboardSettings(run_dir=str(analysed_run)))
 
 
-def test_the_page_is_self_contained(page) -> None:
+@pytest.fixture(scope="module")
+def single_page(analysed_run) -> Path:
+    return dashboard_run(DashboardSettings(run_dir=str(analysed_run), dashboard=DashboardConfig(single_file=True)))
+
+
+OFFLINE = r"""https?://|@import|fetch\(|XMLHttpRequest|href\s*=\s*"(?!#)"""
+
+
+def test_the_folder_loads_only_local_scripts(page) -> None:
+    folder = page.parent
+    assert page.name == "index.html" and folder.name == "dashboard"
     html = page.read_text()
-    assert page.name == "dashboard.html"
-    assert not re.search(r"""(src|href)\s*=|https?://|@import|fetch\(|XMLHttpRequest""", html)
-    assert html.count("<script") == 2 and '<script type="application/json" id="data">' in html
-    # Only the live latents travel; the dead ones are listed by id.
-    data = re.search(r'id="data">(.*?)</script>', html, re.S).group(1)  # type: ignore[union-attr]
-    assert data.count("</") == 0 and f"[{DETECTOR}," in data and f"[{ANTI}," in data
+    assert re.findall(r'src\s*=\s*"([^"]*)"', html) == ["index.js"] and not re.search(OFFLINE, html)
+    assert sorted(p.name for p in (folder / "blocks").iterdir()) == ["00000.js"]  # d_sae 64 < one block of 256
+    assert (folder / "index.js").read_text().startswith("LM_SAES.index({")
+    # The planted tokens are searchable: `cat` (stripped, lower-cased) is in the shard its hash names.
+    (shard_file,) = (folder / "search").iterdir()  # 2 live latents: one shard
+    assert shard_file.name == f"{fnv1a('cat') % 1:04d}.js"
+    shard = json.loads(shard_file.read_text().removeprefix("LM_SAES.search(0,").removesuffix(");\n"))
+    assert DETECTOR in shard["cat"] and ANTI in shard["dog"]  # the tokens at their peaks
+
+
+def test_the_single_file_is_self_contained(single_page) -> None:
+    html = single_page.read_text()
+    assert single_page.name == "dashboard.html"
+    assert not re.search(r"<\w+[^>]*\ssrc\s*=", html) and not re.search(OFFLINE, html)  # no tag loads a file
+    assert html.count("<script>LM_SAES.block(") == 1 and html.count("<script>LM_SAES.index(") == 1  # inline data
+    assert "</script" not in html.split("LM_SAES.index({")[-1].split("</script>")[0]
 
 
 def test_an_unknown_format_version_is_refused(analysed_run, tmp_path) -> None:
@@ -65,10 +87,18 @@ def test_an_unknown_format_version_is_refused(analysed_run, tmp_path) -> None:
         dashboard_run(DashboardSettings(run_dir=str(tmp_path)))
 
 
-def test_rendering_is_deterministic_and_limits_examples(analysed_run) -> None:
+def test_writing_is_deterministic_and_limits_examples(analysed_run, tmp_path) -> None:
     info, tensors = load_analysis(analysed_run)
-    assert render_dashboard(info, tensors, 3, 2) == render_dashboard(info, tensors, 3, 2)
-    assert len(render_dashboard(info, tensors, 1, 0)) < len(render_dashboard(info, tensors, 10, 5))
+
+    def files(out: Path, cfg: DashboardConfig) -> dict[str, bytes]:
+        write_dashboard(info, tensors, out, cfg)
+        return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+    first = files(tmp_path / "a", DashboardConfig(n_top_examples=3, n_quantile_examples=2))
+    assert first == files(tmp_path / "a", DashboardConfig(n_top_examples=3, n_quantile_examples=2))  # replaced whole
+    small = files(tmp_path / "b", DashboardConfig(n_top_examples=1, n_quantile_examples=0))
+    assert len(small["blocks/00000.js"]) < len(first["blocks/00000.js"])
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
 
 
 # --- in a real browser -------------------------------------------------------------------------------------
@@ -128,24 +158,25 @@ def png_pixels(path: Path) -> tuple[int, int, list[bytes]]:
     return width, height, rows
 
 
-def test_the_page_opens_a_latent_in_headless_chromium(page, tiny_model, tmp_path) -> None:
-    url = page.resolve().as_uri() + f"#latent={DETECTOR}"
+@pytest.mark.parametrize("which", ["page", "single_page"])
+def test_the_page_opens_a_latent_in_headless_chromium(which, request, tmp_path) -> None:
+    url = request.getfixturevalue(which).resolve().as_uri() + f"#latent={DETECTOR}"
     dom = run_chromium(tmp_path, "--dump-dom", url)
     assert dom.returncode == 0, dom.stderr[-2000:]
     html = dom.stdout
     # The list was built by the script: one row per live latent (the detector and the anti-detector).
-    rows = re.findall(r'<tr class="row[^"]*" data-latent="(\d+)"', html)
+    rows = re.findall(r'<div class="row grid[^"]*" data-latent="(\d+)"', html)
     assert sorted(map(int, rows)) == sorted([DETECTOR, ANTI])
-    assert re.search(rf'<tr class="row selected" data-latent="{DETECTOR}"', html)
+    assert re.search(rf'<div class="row grid selected" data-latent="{DETECTOR}"', html)
     # The fragment opened the detector: its top examples shade `cat` at the peak, with the value on hover.
-    assert f'id="detail" data-latent="{DETECTOR}"' in html and f"Latent {DETECTOR}</h2>" in html
+    assert re.search(rf'id="detail" data-latent="{DETECTOR}"', html) and f"Latent {DETECTOR}</h2>" in html
     top = html.split('id="top-examples"')[1].split('id="quantile-examples"')[0]
     assert re.search(r'<span class="tok peak" style="background:rgba\(255,128,0,1\.00\)" title="1">cat</span>', top)
     assert html.count('<div class="example">') >= 2 and "<svg class=\"hist\"" in html
     assert re.search(r'<td class="pos">cat</td>', html)  # the logit table
 
     SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
-    shot = SCREENSHOT_DIR / "dashboard.png"
+    shot = SCREENSHOT_DIR / f"dashboard-{which}.png"
     shot.unlink(missing_ok=True)
     result = run_chromium(tmp_path, f"--screenshot={shot}", url)
     assert result.returncode == 0 and shot.exists(), result.stderr[-2000:]
@@ -158,3 +189,41 @@ def test_the_page_opens_a_latent_in_headless_chromium(page, tiny_model, tmp_path
     bpp = len(rows_px[0]) // width
     assert any(r[i : i + 3] == b"\xff\x80\x00" for r in rows_px for i in range(0, len(r), bpp))
     print(f"screenshot: {shot}")
+
+
+# --- at scale: 262,144 synthetic latents ----------------------------------------------------------------------
+
+FAR, ZEBRA = 200_000, 10**6
+"""A far latent, and a token id outside the synthetic vocabulary that only FAR's third top example peaks on."""
+
+
+@pytest.fixture(scope="module")
+def big_dashboard(tmp_path_factory) -> Path:
+    from lm_saes.analysis.synthetic import synthetic_analysis
+
+    info, tensors = synthetic_analysis(2**18)
+    before = info["window_before"]
+    tensors["top_tokens"][FAR, 2, before] = ZEBRA  # not FAR's top token: only the search shard can find it
+    info["token_strings"][str(ZEBRA)] = " Zebra"
+    return write_dashboard(info, tensors, tmp_path_factory.mktemp("big") / "dashboard", DashboardConfig())
+
+
+@pytest.mark.slow
+def test_a_262k_latent_dashboard_lists_opens_a_far_latent_and_searches(big_dashboard, tmp_path) -> None:
+    folder = big_dashboard.parent
+    first_page = big_dashboard.stat().st_size + (folder / "index.js").stat().st_size
+    assert first_page < 5 * 2**20 and len(list((folder / "blocks").iterdir())) == 2**18 // 256
+    live = 2**18 - 2**18 // 7  # the synthetic analysis kills every 7th latent
+
+    html = run_chromium(tmp_path, "--dump-dom", big_dashboard.as_uri() + f"#latent={FAR}").stdout
+    assert f"{live:,} of {live:,} live latents shown" in html
+    assert len(re.findall(r'<div class="row grid[^"]*" data-latent="\d+"', html)) >= 20  # the list, virtual
+    assert re.search(rf'<div class="row grid selected" data-latent="{FAR}"', html)  # scrolled to the far latent
+    detail = html.split('id="detail"')[1].split("</section>")[0]
+    assert f"Latent {FAR}</h2>" in detail and detail.count('<div class="example">') == 5 + 2
+    assert re.search(r'<span class="tok peak"[^>]*> Zebra</span>', detail)
+    assert re.search(r'<a href="#latent=\d+">', detail)  # its neighbours link to their pages
+
+    html = run_chromium(tmp_path, "--dump-dom", big_dashboard.as_uri() + "#q=zebra").stdout
+    assert f"1 of {live:,} live latents shown" in html
+    assert re.findall(r'<div class="row grid[^"]*" data-latent="(\d+)"', html) == [str(FAR)]

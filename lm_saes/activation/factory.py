@@ -92,7 +92,8 @@ class ActivationFactoryConfig(BaseConfig):
     @model_validator(mode="after")
     def _buffer_holds_a_batch(self) -> "ActivationFactoryConfig":
         if self.buffer_size is not None and self.buffer_size < self.batch_size:
-            raise ValueError(f"buffer_size ({self.buffer_size}) must be at least batch_size ({self.batch_size})")
+            raise UserInputError("activation_factory.buffer_size", self.buffer_size,
+                                 f"must be at least activation_factory.batch_size ({self.batch_size})")
         return self
 
 

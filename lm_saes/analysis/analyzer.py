@@ -5,13 +5,15 @@ Per latent, in memory that does not grow with the tokens streamed:
   activations in fixed log-spaced bins ((d_sae, n_bins) counts);
 - the top `n_top_examples` contexts by peak activation, and a uniform sample of `n_quantile_examples`
   contexts it fires on (both `ExampleReservoir`s), each with a token/activation window around the peak;
-- its logit effects (`logit_effects.py`), when the SAE writes into the residual stream.
+- its logit effects (`logit_effects.py`), when the SAE writes into the residual stream;
+- its nearest neighbours by decoder cosine (`neighbours.py`), computed blockwise at the end.
 Latents that never fired are listed as dead and left empty.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,9 +23,11 @@ from pydantic import Field
 
 from lm_saes.activation.packing import batch_contexts
 from lm_saes.analysis.logit_effects import final_norm_weight, logit_effects, not_applicable_reason
+from lm_saes.analysis.neighbours import top_cosine
 from lm_saes.analysis.top_examples import ExampleReservoir, Window, context_candidates
 from lm_saes.config_base import BaseConfig
 from lm_saes.language_model import TransformerLensLanguageModel
+from lm_saes.progress import TokenProgress
 from lm_saes.sae import SparseAutoEncoder
 
 
@@ -50,6 +54,8 @@ class AnalysisConfig(BaseConfig):
     """Log-spaced activation bins between histogram_min and histogram_max (values outside go to the end bins)."""
     histogram_min: float = Field(1e-3, gt=0)
     histogram_max: float = Field(1e3, gt=0)
+    n_neighbours: int = Field(10, ge=0)
+    """Nearest latents by decoder cosine kept per latent (0: none). d_sae^2 * d_model work at the end."""
     seed: int = 0
     """Seeds the uniform sample of firing contexts."""
 
@@ -117,14 +123,17 @@ class FeatureAnalyzer:
         """The running statistics of the last `analyze` (kept for inspection, e.g. by the memory test)."""
 
     def analyze(
-        self, sae: SparseAutoEncoder, model: TransformerLensLanguageModel, contexts: Iterable[torch.Tensor]
+        self, sae: SparseAutoEncoder, model: TransformerLensLanguageModel, contexts: Iterable[torch.Tensor],
+        progress: TokenProgress | None = None,
     ) -> FeatureAnalysis:
         """Analyse `sae` on `contexts` ((T,) token tensors, consumed lazily) until `cfg.n_tokens` text tokens.
 
         The SAE runs in inference mode (BatchTopK as its per-token JumpReLU), whatever mode it was in.
+        `progress`, if given, is advanced by the text tokens of each batch.
         """
         hook = sae.cfg.hook_point_in
         state = self.state = AnalysisState(sae.cfg.d_sae, self.cfg)
+        started = time.perf_counter()
         with sae.inference(), torch.no_grad():
             for tokens_BT in batch_contexts(contexts, self.cfg.model_batch_size):
                 if state.n_tokens >= self.cfg.n_tokens:
@@ -136,9 +145,14 @@ class FeatureAnalyzer:
                 latents_BTS = torch.zeros(*mask_BT.shape, sae.cfg.d_sae)
                 latents_BTS[mask_BT.cpu()] = sae.encode(x_ND).float().cpu()
                 state.add(latents_BTS, mask_BT.cpu(), out.tokens_BT.cpu())
+                if progress is not None:
+                    progress.advance(len(x_ND))
             if state.n_tokens == 0:
                 raise ValueError("the contexts hold no text tokens to analyse")
-            return self._result(sae, model, state)
+            stream_seconds = time.perf_counter() - started  # the token loop; _result adds logit effects, neighbours
+            result = self._result(sae, model, state)
+            result.info["stream_seconds"] = round(stream_seconds, 3)
+            return result
 
     def _result(self, sae: SparseAutoEncoder, model: TransformerLensLanguageModel, state: AnalysisState) -> FeatureAnalysis:
         n = state.n_tokens
@@ -165,6 +179,9 @@ class FeatureAnalyzer:
                 full = torch.full((sae.cfg.d_sae, value_LN.shape[1]), -1 if key.endswith("ids") else 0, dtype=value_LN.dtype)
                 full[live] = value_LN
                 tensors[key] = full
+        if self.cfg.n_neighbours > 0 and sae.cfg.d_sae > 1:
+            cosine_SK, ids_SK = top_cosine(sae.W_D, sae.W_D, self.cfg.n_neighbours, exclude_self=True)
+            tensors["neighbour_ids"], tensors["neighbour_cosine"] = ids_SK.to(torch.int32), cosine_SK
         info = {
             "n_tokens": n, "n_contexts": state.n_contexts, "d_sae": sae.cfg.d_sae,
             "hook_point_in": sae.cfg.hook_point_in, "hook_point_out": sae.cfg.hook_point_target,

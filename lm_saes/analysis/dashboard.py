@@ -1,114 +1,128 @@
-"""The dashboard: one self-contained HTML page (inline CSS, plain JS, data as inline JSON; no network).
+"""The dashboard: a folder that opens from disk (file://, no server, no network) at any number of latents.
 
-`render_dashboard(info, tensors)` turns what `load_analysis` returns into the page's text. The data are
-compacted for the page: only live latents; floats to 3 significant digits; every token string once, in a
-page-local vocabulary that examples and logit tables index; windows trimmed of padding.
+    dashboard/index.html         the page: style and script inline; loads index.js
+    dashboard/index.js           the latent list (dashboard_data.index_data): the only data the first page loads
+    dashboard/blocks/NNNNN.js    latents N*block_size .. : what a latent's page shows, loaded when one is opened
+    dashboard/search/NNNN.js     token -> latents, loaded when a token is searched
 
-Page data (`<script type="application/json" id="data">`):
-    {"meta": {...}, "vocab": [str], "edges": [histogram bin edges],
-     "latents": [[id, frequency, max, mean, [first_bin, counts...], top_logits, bottom_logits, top, quantile]]}
-    logits: [[vocab_index, value], ...];  examples: [[peak, peak_index, [vocab_index...], [activation...]], ...]
+Data files are scripts that hand their object to the page (`LM_SAES.index({...})`), because a file:// page
+may load scripts but not fetch() files. `single_file` writes the same scripts inline into one HTML file
+instead (fine up to a few thousand latents: it holds every block). Written into a temporary folder that
+replaces the old one at the end, so a reader never sees a half-written dashboard.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import Field
 
-from lm_saes.analysis.top_examples import PAD_TOKEN
+from lm_saes.analysis.dashboard_data import block_data, index_data, n_search_shards, search_shards
+from lm_saes.config_base import BaseConfig
+from lm_saes.run_dir import atomic_path
 
+DASHBOARD_DIR = "dashboard"
 DASHBOARD_FILE = "dashboard.html"
+INDEX_FILE = "index.html"
 _ASSETS = Path(__file__).with_name("dashboard_assets")
+_META_KEYS = ("run_dir", "hook_point_in", "hook_point_out", "act_fn", "n_tokens", "n_contexts", "d_sae", "dataset",
+              "logit_effects", "logit_effects_applicable", "quantile_examples", "window_before")
 
 
-def _r(x: float) -> float | int:
-    """3 significant digits, as the shortest JSON number."""
-    if x == 0:
-        return 0
-    v = float(f"{x:.3g}")
-    return int(v) if v.is_integer() and abs(v) < 1e15 else v
+class DashboardConfig(BaseConfig):
+    n_top_examples: int = Field(10, ge=0)
+    """Top-activating examples shown per latent (at most what the analysis kept)."""
+    n_quantile_examples: int = Field(5, ge=0)
+    """Sampled (weaker) examples shown per latent (at most what the analysis kept)."""
+    single_file: bool = False
+    """One self-contained HTML file instead of a folder (for small SAEs: it holds every latent)."""
+    block_size: int = Field(256, gt=0)
+    """Latents per detail file: opening a latent loads its block (~2 KB per latent with the defaults)."""
 
 
-class _Vocab:
-    """Page-local token indices, the most used tokens first (so the most common indices are the shortest)."""
-
-    def __init__(self, strings: dict[str, str], ids_by_use: list[int]) -> None:
-        self.strings, self.index, self.table = strings, {}, []
-        for token_id in ids_by_use:
-            self(token_id)
-
-    def __call__(self, token_id: int) -> int:
-        if token_id not in self.index:
-            self.index[token_id] = len(self.table)
-            self.table.append(self.strings.get(str(token_id), f"<{token_id}>"))
-        return self.index[token_id]
+def script(call: str, *args: Any) -> str:
+    """`LM_SAES.call(args...);` with "<" escaped (so the text can sit inside <script>: no "</script>")."""
+    text = ",".join(json.dumps(a, separators=(",", ":"), ensure_ascii=False) for a in args).replace("<", "\\u003c")
+    return f"LM_SAES.{call}({text});\n"
 
 
-def _examples(tensors: dict[str, torch.Tensor], prefix: str, latent: int, n: int, before: int, vocab: _Vocab) -> list:
-    peaks = tensors[f"{prefix}_peak"][latent].tolist()
-    out = []
-    for slot in range(min(n, len(peaks))):
-        if peaks[slot] <= 0:
-            break
-        tokens = tensors[f"{prefix}_tokens"][latent, slot].tolist()
-        acts = tensors[f"{prefix}_acts"][latent, slot].tolist()
-        keep = [i for i, t in enumerate(tokens) if t != PAD_TOKEN]
-        lo, hi = keep[0], keep[-1] + 1
-        out.append([_r(peaks[slot]), before - lo, [vocab(t) for t in tokens[lo:hi]], [_r(a) for a in acts[lo:hi]]])
-    return out
+def data_scripts(info: dict[str, Any], tensors: dict[str, torch.Tensor], cfg: DashboardConfig
+                 ) -> Iterator[tuple[str, str]]:
+    """(relative path, script text) of every data file: the blocks, the search shards, then the index."""
+    d_sae = int(info["d_sae"])
+    n_live = int((tensors["fired"] > 0).sum())
+    shards = n_search_shards(n_live)
+    meta = {**{k: info.get(k) for k in _META_KEYS}, "block_size": cfg.block_size, "n_shards": shards}
+    for n, start in enumerate(range(0, d_sae, cfg.block_size)):
+        stop = min(start + cfg.block_size, d_sae)
+        data = block_data(info, tensors, start, stop, cfg.n_top_examples, cfg.n_quantile_examples)
+        yield f"blocks/{n:05d}.js", script("block", n, data)
+    for n, shard in search_shards(info, tensors, cfg.n_top_examples, shards):
+        yield f"search/{n:04d}.js", script("search", n, shard)
+    yield "index.js", script("index", index_data(info, tensors, meta))
 
 
-def _logits(tensors: dict[str, torch.Tensor], which: str, latent: int, vocab: _Vocab) -> list:
-    if f"logit_{which}_ids" not in tensors:
-        return []
-    ids = tensors[f"logit_{which}_ids"][latent].tolist()
-    values = tensors[f"logit_{which}_values"][latent].tolist()
-    return [[vocab(i), _r(v)] for i, v in zip(ids, values) if i >= 0]
-
-
-def page_data(info: dict[str, Any], tensors: dict[str, torch.Tensor], n_top: int = 10, n_quantile: int = 5) -> dict[str, Any]:
-    dead = set(info["dead_latents"])
-    live = [s for s in range(int(info["d_sae"])) if s not in dead]
-    shown = [tensors[k][live].flatten() for k in ("top_tokens", "quantile_tokens", "logit_top_ids", "logit_bottom_ids")
-             if k in tensors]
-    ids, counts = torch.unique(torch.cat([t.to(torch.int64) for t in shown]), return_counts=True)
-    by_use = [i for i in ids[counts.argsort(descending=True, stable=True)].tolist() if i >= 0]
-    vocab = _Vocab(info.get("token_strings", {}), by_use)
-    before = int(info["window_before"])
-    freq, vmax, mean = (tensors[k].tolist() for k in ("frequency", "max_activation", "mean_activation"))
-    latents = []
-    for s in live:
-        counts = tensors["histogram"][s].tolist()
-        nonzero = [i for i, c in enumerate(counts) if c]
-        first, last = (nonzero[0], nonzero[-1] + 1) if nonzero else (0, 0)
-        latents.append([
-            s, _r(freq[s]), _r(vmax[s]), _r(mean[s]), [first, *counts[first:last]],
-            _logits(tensors, "top", s, vocab), _logits(tensors, "bottom", s, vocab),
-            _examples(tensors, "top", s, n_top, before, vocab),
-            _examples(tensors, "quantile", s, n_quantile, before, vocab),
-        ])
-    meta_keys = ("run_dir", "hook_point_in", "hook_point_out", "act_fn", "n_tokens", "n_contexts", "d_sae", "dataset",
-                 "logit_effects", "logit_effects_applicable", "quantile_examples")
-    meta = {k: info.get(k) for k in meta_keys}
-    meta["n_dead"] = len(dead)
-    return {"meta": meta, "vocab": vocab.table, "edges": [_r(e) for e in tensors["histogram_edges"].tolist()],
-            "latents": latents, "dead": sorted(dead)}
-
-
-def render_dashboard(info: dict[str, Any], tensors: dict[str, torch.Tensor], n_top: int = 10, n_quantile: int = 5) -> str:
-    data = json.dumps(page_data(info, tensors, n_top, n_quantile), separators=(",", ":"), ensure_ascii=False)
-    # Inside <script>, "<" only ever occurs in JSON strings, where \u003c is the same character: no "</script>".
-    data = data.replace("<", "\\u003c")
-    template = (_ASSETS / "dashboard.html").read_text()
+def page(info: dict[str, Any], data: str) -> str:
+    """The HTML page around `data` (script tags)."""
     where = f" ({info['run_dir']})" if info.get("run_dir") else ""
-    title = f"lm_saes features: {info.get('hook_point_in', '')}{where}"
-    return (template.replace("/*STYLE*/", (_ASSETS / "dashboard.css").read_text())
+    title = _escape(f"lm_saes features: {info.get('hook_point_in', '')}{where}")
+    return ((_ASSETS / "dashboard.html").read_text()
+            .replace("/*STYLE*/", (_ASSETS / "dashboard.css").read_text())
             .replace("/*SCRIPT*/", (_ASSETS / "dashboard.js").read_text())
-            .replace("__TITLE__", _escape(title))
-            .replace("__DATA__", data))
+            .replace("__TITLE__", title).replace("__DATA__", data))
+
+
+def write_dashboard(info: dict[str, Any], tensors: dict[str, torch.Tensor], output: Path, cfg: DashboardConfig) -> Path:
+    """Write the folder (or, with `cfg.single_file`, the file) at `output`; the path a browser opens."""
+    if cfg.single_file:
+        before, after = page(info, "\0").split("\0")
+        with atomic_path(output) as tmp, tmp.open("w", encoding="utf-8") as f:
+            f.write(before)
+            for _, text in data_scripts(info, tensors, cfg):
+                f.write(f"<script>{text}</script>\n")
+            f.write(after)
+        return output
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+    try:
+        (tmp / "blocks").mkdir()
+        (tmp / "search").mkdir()
+        for path, text in data_scripts(info, tensors, cfg):
+            _write(tmp / path, text)
+        _write(tmp / INDEX_FILE, page(info, '<script src="index.js"></script>'))
+        os.chmod(tmp, 0o777 & ~_umask())
+        _replace_dir(tmp, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return output / INDEX_FILE
+
+
+def _write(path: Path, text: str) -> None:
+    path.write_text(text, encoding="utf-8")
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Put `new` at `target`; an old `target` is moved aside first and removed after."""
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+        os.replace(target, old / target.name)
+    os.replace(new, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def _escape(text: str) -> str:

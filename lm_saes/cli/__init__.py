@@ -30,8 +30,10 @@ verbs:
             lm-saes evaluate RUN_DIR [evaluator.n_contexts=64 evaluator.ablation=mean ...]
   analyze   what each latent responds to, on held-out text; write RUN_DIR/analysis/:
             lm-saes analyze RUN_DIR [analysis.n_tokens=65536 analysis.n_top_examples=20 ...]
-  dashboard render RUN_DIR/analysis/ as one offline HTML page, RUN_DIR/dashboard.html:
-            lm-saes dashboard RUN_DIR [n_top_examples=10 output=PATH ...]
+  dashboard render RUN_DIR/analysis/ as pages that open from disk, RUN_DIR/dashboard/index.html:
+            lm-saes dashboard RUN_DIR [dashboard.n_top_examples=10 dashboard.single_file=true output=PATH ...]
+  export    write a run's SAE in SAELens's format (cfg.json + sae_weights.safetensors):
+            lm-saes export RUN_DIR OUT_DIR [format=saelens]
   report    a sweep's jobs in one table (SWEEP_DIR/report.csv) and the L0-vs-fidelity frontier (frontier.png):
             lm-saes report SWEEP_DIR
 
@@ -73,10 +75,14 @@ def run_verb(verb: str, args: list[str]) -> int:
     try:
         rank_overrides = _rank_overrides(multirun) if VERBS[verb].data_parallel else []
         if not other_flags:
-            precheck(verb, overrides, multirun)
+            overrides = precheck(verb, overrides, multirun)
     except ConfigError as e:
         print(f"lm-saes {verb}: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # not the user's mistake: one line, the traceback in a file
+        from lm_saes.cli.jobs import report_crash
+
+        return report_crash(verb, e, None)
     from lm_saes.cli.apps import APPS
 
     sys.argv = [f"lm-saes {verb}", *overrides, *rank_overrides]  # rank overrides are Hydra's, not the user's

@@ -42,6 +42,11 @@ def report(cfg: DictConfig) -> None:
     verb_job("report", cfg)
 
 
+@hydra.main(config_name=VERBS["export"].config, **_CONFIG)
+def export(cfg: DictConfig) -> None:
+    verb_job("export", cfg)
+
+
 APPS = {"train": train, "generate": generate, "evaluate": evaluate, "analyze": analyze, "dashboard": dashboard,
-        "report": report}
+        "report": report, "export": export}
 """The Hydra application of each verb in the table."""

@@ -32,32 +32,49 @@ def train_data(cfg: DictConfig, run_dir: str | None) -> tuple[dict[str, Any], st
     return data, name
 
 
+def train_inputs(settings: Any, cfg: DictConfig) -> None:
+    """What a train run needs besides a model: its devices exist here, and its activation caches are usable."""
+    from lm_saes.runners.train import check_devices
+
+    check_devices(settings)
+    activation_caches(settings, cfg)
+
+
 def activation_caches(settings: Any | None, cfg: DictConfig) -> None:
-    """The activation caches a train run reads, checked from their manifests, each read once (ConfigError, naming
-    `activation_cache` when that is what the user typed).
+    """The activation caches a train run reads, checked from their manifests, each read once (UserInputError).
 
     With the run's settings, all that check_activation_caches sees (complete, same model, hook points, context
     size); without (a sweep, whose jobs' values may differ), only that the shared cache is a complete one."""
     from lm_saes.activation.cache import read_manifest
     from lm_saes.runners.train import check_activation_caches
 
-    cache = cfg.get("activation_cache")
-    try:
-        if settings is not None:
-            check_activation_caches(settings)
-        elif cache is not None:
-            read_manifest(cache, "activation_cache")
-    except UserInputError as e:
-        if cache is not None and e.key.startswith("activation_factory.sources.") and e.value == cache:
-            e = UserInputError("activation_cache", e.value, e.allowed)
-        raise ConfigError(str(e)) from None
+    if settings is not None:
+        check_activation_caches(settings)
+    elif cfg.get("activation_cache") is not None:
+        read_manifest(cfg.activation_cache, "activation_cache")
 
 
 def training_run(settings: Any, cfg: DictConfig) -> None:
-    """settings.run_dir is a finished training run (evaluate, analyze)."""
+    """settings.run_dir is a finished training run (evaluate, analyze), and the device it will run on exists."""
+    from lm_saes.config_base import check_device_available
+    from lm_saes.runners.run_loading import load_run_settings
+
+    run = load_run_settings(Path(settings.run_dir))
+    check_device_available(settings.device or run.model.device, "device")
+
+
+def finished_run(settings: Any, cfg: DictConfig) -> None:
+    """settings.run_dir is a finished training run (export)."""
     from lm_saes.runners.run_loading import load_run_settings
 
     load_run_settings(Path(settings.run_dir))
+
+
+def generate_inputs(settings: Any, cfg: DictConfig) -> None:
+    """The device the model of `lm-saes generate` runs on exists."""
+    from lm_saes.config_base import check_device_available
+
+    check_device_available(settings.model.device, "model.device")
 
 
 def analysed_run(settings: Any, cfg: DictConfig) -> None:

@@ -123,14 +123,14 @@ def format_validation_error(error: Any, root: Any, dataset_name: str | None = No
         key = ".".join(loc)
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            allowed = ", ".join(_model_at(root, [str(p) for p in err["loc"][:-1]]).model_fields)
+            allowed = ", ".join(model_at(root, [str(p) for p in err["loc"][:-1]]).model_fields)
             lines.append(f"{key}={err['input']!r}: unknown key; allowed here: {allowed}")
         elif err["type"] == "union_tag_invalid":
             lines.append(f"{key}={err['input']!r}: unknown type {err['ctx']['tag']!r}; allowed: {err['ctx']['expected_tags']}")
         elif err["type"] == "missing":
             lines.append(f"{key}: missing; give a value with {key}=...")
-        elif not loc and "=" in msg:  # a UserInputError raised by a model validator already names its key
-            lines.append(msg)
+        elif isinstance(err.get("ctx", {}).get("error"), UserInputError):  # a validator's: it names its key
+            lines.append(str(err["ctx"]["error"]))
         else:
             lines.append(f"{key}={err.get('input')!r}: {msg}")
     return "; ".join(lines)
@@ -151,7 +151,7 @@ def _models_in(annotation: Any, tag: str | None = None) -> dict[str | None, Any]
     return found
 
 
-def _model_at(root: Any, path: list[str]) -> Any:
+def model_at(root: Any, path: list[str]) -> Any:
     """The pydantic model class found by following field names from `root` (through dict values too)."""
     model, candidates = root, {}
     for part in path:
@@ -234,12 +234,14 @@ def _explain_override_failure(error: Exception, parsed: list[Any], config_name: 
     return str(error).splitlines()[0]
 
 
-def with_positional(args: list[str], key: str | None) -> list[str]:
-    """`DIR k=v ...` -> `key='DIR' k=v ...`: the first argument that is neither a flag nor an override."""
-    if key is None:
-        return args
-    for i, arg in enumerate(args):
-        if not arg.startswith("-") and "=" not in arg:
+def with_positional(args: list[str], keys: tuple[str, ...]) -> list[str]:
+    """`A B k=v ...` -> `keys[0]='A' keys[1]='B' k=v ...`: the arguments that are neither flags nor overrides, in
+    order (quoted, so that any path survives Hydra's parser)."""
+    out, remaining = [], list(keys)
+    for arg in args:
+        if remaining and not arg.startswith("-") and "=" not in arg:
             quoted = arg.replace("\\", "\\\\").replace("'", "\\'")
-            return [*args[:i], f"{key}='{quoted}'", *args[i + 1 :]]
-    return args
+            out.append(f"{remaining.pop(0)}='{quoted}'")
+        else:
+            out.append(arg)
+    return out

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from lm_saes.analysis import AnalysisConfig, FeatureAnalysis, FeatureAnalyzer, save_analysis
+from lm_saes.progress import TokenProgress
 from lm_saes.runners.held_out import HeldOutRunSettings, load_held_out_run
 from lm_saes.runners.run_loading import load_run_settings
 
@@ -32,7 +33,11 @@ def analyze_run(settings: AnalyzeSettings) -> FeatureAnalysis:
     n_contexts = math.ceil(cfg.n_tokens / (context_size - 1)) + cfg.model_batch_size
     run = load_held_out_run(settings, train, cfg.skip_tokens, context_size, n_contexts, "analysis", "analyse")
     model, dataset_cfg, skip = run.model, run.dataset_cfg, run.skip_tokens
-    result = FeatureAnalyzer(cfg).analyze(run.sae, model, run.contexts)
+    progress = TokenProgress(cfg.n_tokens, "analyze")  # a bar with tokens/s and ETA on a terminal
+    try:
+        result = FeatureAnalyzer(cfg).analyze(run.sae, model, run.contexts, progress)
+    finally:
+        progress.close()
     result.info.update(run_dir=str(run_dir), dataset=dataset_cfg.dataset_name_or_path, skip_tokens=skip,
                        context_size=context_size, seconds=round(time.perf_counter() - started, 1))
     folder = save_analysis(result, run_dir, model.tokenizer)

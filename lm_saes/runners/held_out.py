@@ -19,7 +19,7 @@ import torch
 from lm_saes.activation import ActivationFactoryActivationsSource
 from lm_saes.activation.cache import CacheManifest, read_manifest
 from lm_saes.activation.packing import pack_documents
-from lm_saes.config_base import BaseConfig, Device
+from lm_saes.config_base import BaseConfig, Device, check_device_available
 from lm_saes.datasets import DatasetConfig, load_dataset
 from lm_saes.errors import UserInputError
 from lm_saes.evaluator import Evaluator, EvaluatorConfig
@@ -154,6 +154,7 @@ def load_held_out_run(
     """
     run_dir, dataset = Path(settings.run_dir), settings.dataset
     device = settings.device or train.model.device
+    check_device_available(device, "device")
     if dataset is None:
         plan = held_out_plan(train, *_trained_tokens_and_world_size(run_dir))
         dataset_cfg, key, default_skip, run_context_size = plan.dataset, "datasets (from the run)", plan.skip_tokens, \
@@ -165,6 +166,7 @@ def load_held_out_run(
     context_size = context_size or run_context_size
     texts = load_dataset(dataset_cfg, key)
     model = TransformerLensLanguageModel(train.model.model_copy(update={"device": device}))
+    model.check_context_size(context_size, f"{section}.context_size")
     sae = SparseAutoEncoder.from_pretrained(run_dir, device=device)
     contexts = held_out_contexts((row["text"] for row in texts), model, context_size, skip, n_contexts)
     if not contexts:

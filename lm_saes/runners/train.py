@@ -25,7 +25,7 @@ from lm_saes.activation import (
 )
 from lm_saes.activation.cache import CacheManifest, read_manifest
 from lm_saes.activation.factory import check_cache_hook_points
-from lm_saes.config_base import BaseConfig
+from lm_saes.config_base import BaseConfig, check_device_available
 from lm_saes.datasets import DatasetConfig, load_dataset
 from lm_saes.errors import EmptyActivationStream, UserInputError
 from lm_saes.runners.held_out import training_evaluation
@@ -121,6 +121,7 @@ def _train(settings: TrainSAESettings) -> SparseAutoEncoder:
     """train_sae's body, on every rank; `main` (rank 0) alone writes."""
     run_dir = Path(settings.trainer.exp_result_path)
     world, rank, main = distributed.world_size(), distributed.rank(), distributed.is_main()
+    check_devices(settings)
 
     def claim_run_dir() -> Path | None:
         checkpoint_path = _checkpoint_to_resume(settings, run_dir)
@@ -145,6 +146,7 @@ def _train(settings: TrainSAESettings) -> SparseAutoEncoder:
         if model is not None:
             for hook, key in hook_point_keys(settings).items():
                 model.check_hook_points([hook], key)
+            model.check_context_size(settings.activation_factory.context_size, "activation_factory.context_size")
         stream_state = checkpoint.section(stream_section(rank, world)) \
             if checkpoint and checkpoint.meta.get("has_stream_state") else None
         evaluate = training_evaluation(settings, model, datasets, world, caches) \
@@ -160,8 +162,7 @@ def _train(settings: TrainSAESettings) -> SparseAutoEncoder:
             try:
                 sae = Initializer(settings.initializer).initialize_sae_from_config(sae_cfg, activation_stream=stream)
             except EmptyActivationStream:
-                corpora = ", ".join(d.dataset_name_or_path for d in settings.datasets.values())
-                raise UserInputError("datasets", corpora, "the corpus is empty: it gave no text tokens") from None
+                raise _empty_stream_error(settings, datasets, model) from None
             distributed.broadcast_module_(sae)  # every rank starts from rank 0's initialization
         if main:
             sae.cfg.save_hyperparameters(run_dir)
@@ -190,6 +191,36 @@ def _train(settings: TrainSAESettings) -> SparseAutoEncoder:
     finally:
         if wandb_run is not None:
             wandb_run.finish()
+
+
+def _empty_stream_error(settings: TrainSAESettings, datasets: dict[str, Any],
+                        model: TransformerLensLanguageModel | None) -> UserInputError:
+    """Why the stream gave no batch: an empty corpus, or one shorter than a single context (only full contexts
+    are trained on). Counts the corpus's text tokens, which is cheap here: the stream has read all of it."""
+    name, dataset = next(iter(datasets.items()), (None, None))
+    if name is None or model is None:
+        return UserInputError("activation_factory.sources", [s.model_dump() for s in settings.activation_factory.sources],
+                              "the sources gave no activations")
+    key, path = f"datasets.{name}.dataset_name_or_path", settings.datasets[name].dataset_name_or_path
+    context_size = settings.activation_factory.context_size
+    n_tokens = 0
+    for row in dataset:
+        n_tokens += len(model.tokenizer(row["text"], add_special_tokens=False)["input_ids"]) if row["text"].strip() else 0
+        if n_tokens >= context_size:
+            break
+    if n_tokens == 0:
+        return UserInputError(key, path, "the corpus is empty: it gave no text tokens")
+    return UserInputError(key, path, f"the corpus holds only {n_tokens:,} text tokens, fewer than one context of "
+                          f"activation_factory.context_size={context_size}; use a larger corpus or a smaller context_size")
+
+
+def check_devices(settings: TrainSAESettings) -> None:
+    """Every device the run puts something on exists on this machine (else a one-line UserInputError)."""
+    shuffle = settings.activation_factory.buffer_shuffle
+    for key, device in (("sae.device", settings.sae.device), ("model.device", settings.model.device),
+                        ("activation_factory.buffer_shuffle.generator_device", shuffle.generator_device)):
+        if device is not None:
+            check_device_available(device, key)
 
 
 def _checkpoint_to_resume(settings: TrainSAESettings, run_dir: Path) -> Path | None:

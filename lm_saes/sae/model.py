@@ -6,7 +6,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -15,8 +15,11 @@ from torch import nn
 from lm_saes import metrics
 from lm_saes.errors import UserInputError
 from lm_saes.sae.activation_functions import ACTIVATION_FUNCTIONS, ActivationFunction, build_activation_function
-from lm_saes.sae.config import SAEConfig
+from lm_saes.sae.config import CONFIG_FILE, SAEConfig
 from lm_saes.sae.sparse_topk import sparse_decode
+
+if TYPE_CHECKING:
+    from lm_saes.interop.saelens import SAELensMetadata
 
 WEIGHTS_FILE = "sae_weights.safetensors"
 
@@ -215,13 +218,26 @@ class SparseAutoEncoder(nn.Module):
         self.load_state_dict(self.folded_state_dict())
         self.cfg = self.cfg.model_copy(update={"activation_norm_folded": True})
 
-    def save_pretrained(self, save_path: str | os.PathLike[str]) -> Path:
+    def save_pretrained(
+        self,
+        save_path: str | os.PathLike[str],
+        format: Literal["lm_saes", "saelens"] = "lm_saes",
+        metadata: "SAELensMetadata | None" = None,
+    ) -> Path:
         """Write `sae_weights.safetensors` (normalisation folded in) and `config.json`, both atomically.
 
+        `format="saelens"` writes SAELens's cfg.json instead (lm_saes/interop/saelens.py; `metadata`: the
+        model, dataset and context size it records), or refuses an SAE that SAELens cannot express.
         The SAE in memory is left as it is (unfolded while training), so training can go on.
         """
         from lm_saes.run_dir import atomic_path
 
+        if format == "saelens":
+            from lm_saes.interop.saelens import save_saelens
+
+            return save_saelens(self, save_path, metadata)
+        if format != "lm_saes":
+            raise UserInputError("format", format, "one of lm_saes, saelens")
         folder = Path(save_path)
         self.cfg.model_copy(update={"activation_norm_folded": True}).save_hyperparameters(folder)
         path = folder / WEIGHTS_FILE
@@ -232,11 +248,20 @@ class SparseAutoEncoder(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | os.PathLike[str], device: str | None = None, dtype: torch.dtype | None = None
+        cls, path: str | os.PathLike[str], device: str | None = None, dtype: torch.dtype | None = None,
+        hook_point_in: str | None = None, hook_point_out: str | None = None,
     ) -> "SparseAutoEncoder":
-        """Load a folder written by `save_pretrained` (a run directory), in eval mode. Never pickle."""
-        cfg = SAEConfig.from_pretrained(path)
+        """Load an SAE folder, in eval mode; never pickle. `path` is a folder written by `save_pretrained` (a run
+        directory), a SAELens folder (cfg.json), or `hf://OWNER/REPO/PATH`, a folder of either on the hub.
+        `hook_point_in/out` name the hooks of a SAELens folder that does not record them."""
+        from lm_saes.interop import is_saelens_folder, read_saelens, resolve_sae_path
+
+        path = resolve_sae_path(path)
+        if not (Path(path) / CONFIG_FILE).exists() and is_saelens_folder(path):
+            cfg, state = read_saelens(path, hook_point_in, hook_point_out)
+        else:
+            cfg, state = SAEConfig.from_pretrained(path), load_file(str(Path(path) / WEIGHTS_FILE))
         updates = {k: v for k, v in {"device": device, "dtype": dtype}.items() if v is not None}
         sae = cls(cfg.model_copy(update=updates) if updates else cfg)
-        sae.load_state_dict(load_file(str(Path(path) / WEIGHTS_FILE), device=sae.cfg.device), strict=True)
+        sae.load_state_dict(state, strict=True)  # copies into the SAE's own dtype and device
         return sae.eval()
