@@ -76,8 +76,16 @@ def norm_factor(x_ND: torch.Tensor) -> float:
 
 @torch.no_grad()
 def _set_decoder_norm(sae: SparseAutoEncoder, norm: float) -> None:
-    """Scale every decoder row to `norm` and tie the encoder to it (W_E = W_D^T), biases to zero."""
-    sae.W_D.mul_(norm / sae.W_D.norm(dim=1, keepdim=True))
-    sae.W_E.copy_(sae.W_D.T)
+    """Scale every decoder row to `norm` and tie the encoder to it (W_E = W_D^T), biases to zero.
+
+    An SAE that holds its decoder rows at unit norm gets unit rows and W_E = norm^2 W_D^T instead: the same
+    initial reconstruction, so the search means the same thing for it.
+    """
+    sae.W_D.div_(sae.W_D.norm(dim=1, keepdim=True))
+    if sae.unit_decoder_norm:
+        sae.W_E.copy_(sae.W_D.T * norm**2)
+    else:
+        sae.W_D.mul_(norm)
+        sae.W_E.copy_(sae.W_D.T)
     sae.b_E.zero_()
     sae.b_D.zero_()

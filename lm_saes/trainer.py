@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from lm_saes import distributed
 from lm_saes.activation import ActivationBatch
@@ -40,23 +40,28 @@ Evaluate = Callable[[SparseAutoEncoder], dict[str, float | None]]
 
 class TrainerConfig(BaseConfig):
     amp_dtype: DType = torch.float32
-    """Autocast dtype for the SAE step; float32 disables autocast."""
-    lr: float = Field(1e-4, gt=0)
+    """Autocast dtype for the SAE step: float32 (off) or bfloat16; float16, whose gradients underflow without
+    a gradient scaler, is refused."""
+    lr: float = Field(3e-3, gt=0)
+    """Adam's learning rate, for the default short budget; for runs of many millions of tokens 1e-4 to 4e-4
+    is the usual choice."""
     betas: tuple[float, float] = (0.9, 0.999)
-    total_training_tokens: int = Field(300_000_000, gt=0)
+    total_training_tokens: int = Field(300_000, gt=0)
     """Training steps = total_training_tokens // batch size."""
     lr_warm_up_steps: float = Field(0.05, ge=0)
     """Linear warm-up length: a fraction of all steps if < 1, else a step count."""
     lr_cool_down_steps: float = Field(0.2, ge=0)
     """Linear cool-down to zero at the end: a fraction of all steps if < 1, else a step count."""
-    l1_coefficient: float = Field(5e-3, ge=0)
+    l1_coefficient: float = Field(3.0, ge=0)
     """Weight of the variant's sparsity penalty against the (normalised) squared error: the decoder-norm-weighted
     L1 for relu, the tanh or L0 penalty for jumprelu; topk and batchtopk have none and ignore it."""
     l1_coefficient_warmup_steps: float = Field(0.05, ge=0)
     """Linear ramp of the sparsity coefficient from 0: a fraction of all steps if < 1, else a step count."""
-    dead_feature_window: int = Field(1_000_000, gt=0)
-    """A latent is dead once it has not fired for this many tokens (or ever, in a shorter run)."""
-    log_frequency: int = Field(100, gt=0)
+    dead_feature_window: float = Field(0.1, gt=0)
+    """A latent is dead once it has not fired for this many tokens (or ever, in a shorter run): a fraction of
+    total_training_tokens if < 1, else a token count. AuxK trains the dead latents, so it switches on once a
+    latent has been silent this long."""
+    log_frequency: int = Field(25, gt=0)
     """Steps between log lines (console and wandb)."""
     eval_frequency: int = Field(0, ge=0)
     """Steps between downstream evaluations (CE/KL with the SAE spliced into the model) on a fixed held-out
@@ -71,6 +76,15 @@ class TrainerConfig(BaseConfig):
     resume: bool | None = None
     """None: continue from the run directory's last checkpoint if it has one. True: require one. False: refuse
     a run directory that has checkpoints (start elsewhere, or delete them)."""
+
+    @field_validator("amp_dtype")
+    @classmethod
+    def _no_float16(cls, value: torch.dtype) -> torch.dtype:
+        if value == torch.float16:
+            raise ValueError("float16 gradients underflow without a gradient scaler; use bfloat16 or float32")
+        if value not in (torch.float32, torch.bfloat16):
+            raise ValueError("allowed: float32 (autocast off) or bfloat16")
+        return value
 
 
 def lr_factor(step: int, total: int, warm: int, cool: int) -> float:
@@ -103,6 +117,8 @@ class TrainingPlan:
     lr_warm_up: int
     lr_cool_down: int
     l1_warm_up: int
+    dead_window: int
+    """Tokens without firing after which a latent counts as dead."""
     checkpoint_every: int
     """Steps between checkpoints; 0: none."""
 
@@ -116,6 +132,8 @@ class TrainingPlan:
         return cls(
             batch_size, total, _steps(cfg.lr_warm_up_steps, total), _steps(cfg.lr_cool_down_steps, total),
             _steps(cfg.l1_coefficient_warmup_steps, total),
+            max(int(cfg.dead_feature_window * cfg.total_training_tokens) if cfg.dead_feature_window < 1
+                else int(cfg.dead_feature_window), 1),
             max(total // (cfg.n_checkpoints + 1), 1) if cfg.n_checkpoints else 0,
         )
 
@@ -226,8 +244,8 @@ class _Run:
         cfg, sae_cfg, step = self.cfg, self.sae.cfg, self.state.step
         x_in_BD = batch[sae_cfg.hook_point_in].to(sae_cfg.device, sae_cfg.dtype)
         x_out_BD = batch[sae_cfg.hook_point_target].to(sae_cfg.device, sae_cfg.dtype)
-        self.sae.activation_function.set_progress(step / self.plan.total_steps)
-        dead_S = self.state.tokens_since_fired_S >= cfg.dead_feature_window
+        self.sae.activation_function.set_progress(step, self.plan.total_steps)
+        dead_S = self.state.tokens_since_fired_S >= self.plan.dead_window
         with torch.autocast(
             device_type=torch.device(sae_cfg.device).type, dtype=cfg.amp_dtype, enabled=cfg.amp_dtype != torch.float32,
         ):
@@ -244,7 +262,9 @@ class _Run:
                 f"at step {step}; " + (f"the last good checkpoint is {last}; " if last else "")
                 + "lower trainer.lr or check the activations"
             )
+        self.sae.before_optimizer_step()
         self.optimizer.step()
+        self.sae.after_optimizer_step()
         self.scheduler.step()
         return totals
 
@@ -256,7 +276,7 @@ class _Run:
     def log_window(self) -> dict[str, float | int]:
         """Log the metrics of the steps since the last log line (console, wandb), return them, start afresh."""
         state = self.state
-        result = state.window_summary(self.cfg.dead_feature_window)
+        result = state.window_summary(self.plan.dead_window)
         result.update(lr=self.scheduler.get_last_lr()[0], l1_coefficient=self.sparsity_coefficient(state.step - 1),
                       n_training_tokens=state.tokens_seen, step=state.step)
         self.progress.log(result)
@@ -308,7 +328,7 @@ class _Run:
         """The final metrics: the last log line's (or the steps' since, when the stream ended between log lines),
         throughput, and the final evaluation; rank 0 writes them to metrics.json."""
         if self.state.window.n_tokens:
-            final = self.state.window_summary(self.cfg.dead_feature_window)
+            final = self.state.window_summary(self.plan.dead_window)
             final.update(n_training_tokens=self.state.tokens_seen)
         final["tokens_per_second"] = self.progress.tokens_per_second
         final["world_size"] = self.world

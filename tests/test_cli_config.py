@@ -37,7 +37,7 @@ def test_overrides_reach_the_settings_and_device_reaches_every_stage() -> None:
 @pytest.mark.parametrize("preset", group_options("sae"))
 def test_every_sae_preset_validates(preset: str) -> None:
     settings = settings_from_config(compose_single_run([f"+sae={preset}"]), run_dir=None)
-    assert settings.sae.act_fn == preset.removeprefix("transcoder_").split("_")[0]
+    assert settings.sae.act_fn == preset.removeprefix("transcoder_").removesuffix("_8x")
     assert settings.sae.is_transcoder == preset.startswith("transcoder_")
     assert settings.sae_name == f"{settings.sae.act_fn}_8x"
 

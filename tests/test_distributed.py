@@ -188,8 +188,10 @@ def _sae(act_fn: str, seed: int = 0):
 
 
 def _trainer(run_dir: Path, **kw: Any) -> Trainer:
+    # AuxK is normalised by each rank's residual (see README), so it stays off here: equality is the point.
     return Trainer(TrainerConfig(**{"lr": 3e-3, "l1_coefficient": 0.3, "total_training_tokens": 256 * STEPS,
-                                    "log_frequency": 4, "exp_result_path": str(run_dir), **kw}))
+                                    "log_frequency": 4, "exp_result_path": str(run_dir),
+                                    "dead_feature_window": 10**9, **kw}))
 
 
 def _share(rank: int, n_batches: int, poison_at: int | None = None, signal_at: int | None = None):

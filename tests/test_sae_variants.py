@@ -43,7 +43,8 @@ def test_batchtopk_shares_k_times_batch_and_learns_a_threshold_for_inference() -
 
 
 def test_jumprelu_threshold_gets_a_gradient_only_near_the_threshold() -> None:
-    sae = _sae("jumprelu", jumprelu_init_threshold=0.5, jumprelu_bandwidth=0.2)
+    # Both are given in the paper's units and scaled by sqrt(d_model) = 4: threshold 0.5, bandwidth 0.2.
+    sae = _sae("jumprelu", jumprelu_init_threshold=0.125, jumprelu_bandwidth=0.05)
     pre = torch.tensor([[0.45, 0.55, 2.0, -1.0] * 32])
     latents = sae.activation_function(pre)
     assert torch.equal(latents, pre * (pre > 0.5))
@@ -84,7 +85,7 @@ def test_k_anneals_from_initial_to_final() -> None:
     sae = _sae("topk", top_k_initial=20, top_k_anneal_fraction=0.5)
     ks = []
     for fraction in (0.0, 0.25, 0.5, 0.9):
-        sae.activation_function.set_progress(fraction)
+        sae.activation_function.set_progress(round(fraction * 100), 100)
         ks.append(sae.activation_function.k)
     assert ks == [20, 12, 4, 4]
 
@@ -139,3 +140,34 @@ def test_folding_in_place_keeps_outputs() -> None:
     before = sae(x)
     sae.fold_activation_norm()
     torch.testing.assert_close(sae(x), before)
+
+
+def test_gated_paths_share_the_encoder_and_the_aux_loss_leaves_the_decoder_alone() -> None:
+    sae = _sae("gated")
+    af = sae.activation_function
+    with torch.no_grad():
+        af.r_mag.fill_(0.5)
+        af.b_gate.fill_(-0.2)
+        af.b_mag.fill_(0.1)
+    x = torch.randn(32, 16)
+    pre = x @ sae.W_E
+    expected = (pre - 0.2 > 0) * torch.relu(pre * torch.exp(torch.tensor(0.5)) + 0.1)
+    torch.testing.assert_close(sae.encode_normalized(x), expected)
+    aux = af.auxiliary_loss(x, pre, sae.W_D, sae.b_D, x)
+    aux.backward()
+    assert sae.W_D.grad is None and sae.W_E.grad.abs().sum() > 0 and af.b_gate.grad.abs().sum() > 0
+
+
+def test_matryoshka_prefixes_each_reconstruct_with_their_own_k() -> None:
+    sae = _sae("matryoshka_batchtopk", matryoshka_prefixes=[16, 0.25])
+    af = sae.activation_function
+    assert af.prefix_sizes() == [16, 32, 128]
+    x = torch.randn(64, 16)
+    out = sae.compute_loss(x, x, 0.0)
+    pre = sae.pre_activations(x)
+    expected = []
+    for m in (16, 32, 128):
+        latents = af.batch_select(pre[:, :m], 4)
+        assert (latents > 0).sum() <= 4 * 64
+        expected.append((latents @ sae.W_D[:m] + sae.b_D - x).pow(2).sum(-1).mean())
+    assert out.loss.item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-5)

@@ -26,7 +26,8 @@ import pytest
 from lm_saes.cli import main
 from tests.conftest import run_cli, tiny_overrides
 
-SAE_PRESETS = "batchtopk_8x, jumprelu_8x, relu_8x, topk_8x, transcoder_relu_8x, transcoder_topk_8x"
+SAE_PRESETS = ("batchtopk_8x, gated_8x, jumprelu_8x, matryoshka_batchtopk_8x, relu_8x, topk_8x, transcoder_relu_8x, "
+               "transcoder_topk_8x")
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ def row(verb: str, args: list[str], expected: str, when: Literal["before", "runt
 MISTAKES = [
     # --- train: the composed config --------------------------------------------------------------------------
     row("train", [], f"sae: missing; choose a preset with +sae=NAME, one of: {SAE_PRESETS}"),
-    row("train", ["+sae=relu_9x"], "sae=relu_9x: unknown preset; available: batchtopk_8x, jumprelu_8x, relu_8x, topk_8x,"),
+    row("train", ["+sae=relu_9x"], "sae=relu_9x: unknown preset; available: batchtopk_8x, gated_8x, jumprelu_8x,"),
     row("train", ["+sae=relu_8x", "trainer.lrr=3"], "trainer.lrr=3: unknown key; allowed in trainer: amp_dtype, lr,"),
     row("train", ["+sae=relu_8x", "+trainer.lrr=3"], "trainer.lrr=3: unknown key; allowed here: amp_dtype, lr,"),
     row("train", ["+sae=relu_8x", "sae.expansion_factr=16"], "sae.expansion_factr=16: unknown key; allowed in sae:"),

@@ -25,7 +25,8 @@ class SAEConfig(BaseConfig):
     """The model's hidden size; None means "take it from the model" (the runner fills it in and checks it)."""
     expansion_factor: int = Field(8, gt=0)
     act_fn: str = "relu"
-    """One of the registry in lm_saes/sae/activation_functions.py: relu, topk, batchtopk, jumprelu."""
+    """One of the registry in lm_saes/sae/activation_functions.py: relu, topk, batchtopk, jumprelu,
+    matryoshka_batchtopk, gated."""
     dtype: DType = torch.float32
     device: Device = "cpu"
 
@@ -39,24 +40,39 @@ class SAEConfig(BaseConfig):
     aux_k: int = Field(512, ge=0)
     """AuxK: how many dead latents model the residual (0 turns AuxK off)."""
     aux_k_coefficient: float = Field(1 / 32, ge=0)
-    """Weight of the (normalised) AuxK loss."""
+    """Weight of the AuxK loss relative to the reconstruction loss, both normalised as in the reference
+    (Gao et al., 2024: normalised MSE + aux_k_coefficient x the AuxK residual's normalised MSE)."""
+    unit_decoder_norm: bool | None = None
+    """Hold every decoder row at unit norm while training (the gradient's component along the row is removed
+    before each step, the row renormalised after it). None: the variant's default, true for the TopK family
+    (topk, batchtopk), as in the reference, so that a latent cannot win the top k by a small decoder norm."""
     sparse_topk: bool = True
     """topk: decode by gathering the k decoder rows and backpropagate only through the selected latents.
     False runs the dense reference (same outputs and gradients, d_sae/k times more work)."""
     batchtopk_threshold_momentum: float = Field(0.01, gt=0, le=1)
     """batchtopk: moving-average rate of the inference threshold (the smallest kept activation)."""
+    matryoshka_prefixes: list[float] | None = None
+    """matryoshka_batchtopk: the nested prefixes that each reconstruct the input, as latent counts (>= 1) or
+    fractions of d_sae (< 1); the whole dictionary is always the last. None: the whole dictionary only."""
+    batchtopk_threshold_window: float = Field(0.1, gt=0, le=1)
+    """batchtopk: the last fraction of training over which the inference threshold is the plain mean of the
+    batches' smallest kept activations (at least one step), so that it fits the final weights."""
 
     # --- jumprelu ---
     jumprelu_init_threshold: float = Field(0.1, gt=0)
-    """Initial per-latent threshold (on normalised pre-activations)."""
+    """Initial per-latent threshold in units of inputs of unit mean squared norm (the paper's; it uses 0.001
+    over ~100K steps): it is multiplied by sqrt(d_model), since the SAE's inputs have mean norm sqrt(d_model).
+    A threshold learns in log space, at most ~lr per Adam step, so a short run needs it to start near its
+    final scale."""
     jumprelu_bandwidth: float = Field(0.05, gt=0)
-    """Width of the rectangle kernel of the straight-through estimator."""
+    """Width of the rectangle kernel of the straight-through estimator, in the same units as the threshold."""
     jumprelu_sparsity: Literal["tanh", "l0"] = "tanh"
     """The penalty: sum tanh(c f ||W_D||) or the L0 count (both through the estimator)."""
     jumprelu_tanh_scale: float = Field(4.0, gt=0)
     """c in the tanh penalty."""
-    jumprelu_lr_factor: float = Field(1.0, gt=0)
-    """The threshold's learning rate relative to trainer.lr."""
+    jumprelu_lr_factor: float = Field(10.0, gt=0)
+    """The threshold's learning rate relative to trainer.lr: 10, so that a log threshold can travel in a
+    budget of a few hundred steps."""
 
     # --- state of saved weights ---
     activation_norm_folded: bool = False

@@ -26,13 +26,15 @@ WEIGHTS_FILE = "sae_weights.safetensors"
 
 class SAELoss(NamedTuple):
     loss: torch.Tensor
-    """mse + sparsity_coefficient * sparsity + aux_k_coefficient * aux_k (scalar)."""
+    """What is minimised (scalar): see `SparseAutoEncoder.compute_loss`."""
     mse: torch.Tensor
-    """Mean over the batch of the squared error summed over d_model, in normalised units (scalar)."""
+    """Mean over the batch of the squared error summed over d_model, in normalised units (scalar): the logged
+    `mse`. Divided by the target's variance per token it is the reference's normalised MSE (1 - EV)."""
     sparsity: torch.Tensor
     """The variant's sparsity penalty before its coefficient (scalar; 0 for topk/batchtopk)."""
     aux_k: torch.Tensor
-    """The normalised AuxK loss (scalar; 0 when no latent is dead or the variant has none)."""
+    """The normalised AuxK loss, the logged `aux_k_loss` (scalar; 1 explains nothing of the residual; 0 when no
+    latent is dead or the variant has none)."""
     target_BD: torch.Tensor
     """The normalised activation the SAE reconstructs."""
     reconstruction_BD: torch.Tensor
@@ -85,7 +87,7 @@ class SparseAutoEncoder(nn.Module):
 
     # --- the math, on normalised activations ---
     def pre_activations(self, x_BD: torch.Tensor) -> torch.Tensor:
-        return x_BD @ self.W_E + self.b_E
+        return self.activation_function.pre_activations(x_BD, self.W_E, self.b_E)
 
     def encode_normalized(self, x_BD: torch.Tensor) -> torch.Tensor:
         return self.activation_function(self.pre_activations(x_BD))
@@ -117,6 +119,26 @@ class SparseAutoEncoder(nn.Module):
         return self.W_D.norm(dim=1)
 
     # --- training ---
+    @property
+    def unit_decoder_norm(self) -> bool:
+        """Whether decoder rows are held at unit norm while training (sae.unit_decoder_norm, else the variant's
+        default)."""
+        flag = self.cfg.unit_decoder_norm
+        return self.activation_function.unit_decoder if flag is None else flag
+
+    @torch.no_grad()
+    def before_optimizer_step(self) -> None:
+        """Remove the component of W_D's gradient along each row, so a step moves rows around the sphere."""
+        if self.unit_decoder_norm and self.W_D.grad is not None:
+            unit_SD = self.W_D / self.W_D.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            self.W_D.grad.sub_((self.W_D.grad * unit_SD).sum(dim=1, keepdim=True) * unit_SD)
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Put decoder rows back on the unit sphere (Adam's step is not exactly tangent to it)."""
+        if self.unit_decoder_norm:
+            self.W_D.div_(self.W_D.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
     def compute_loss(
         self,
         x_in_BD: torch.Tensor,
@@ -126,25 +148,34 @@ class SparseAutoEncoder(nn.Module):
     ) -> SAELoss:
         """The training loss on raw activations `x_in` (read) and `x_out` (to reconstruct; == x_in for an SAE).
 
+        loss = mse + sparsity_coefficient * sparsity + aux_k_coefficient * V * aux_k + the variant's auxiliary
+        loss, with V the batch's target variance per token (summed over d_model, detached). For TopK this is V
+        times the reference's loss (normalised MSE + aux_k_coefficient * normalised AuxK MSE), so AuxK has the
+        reference's relative weight, while the other penalties keep their scale against the squared error.
         `dead_S` marks dead latents; variants with AuxK train them to model the residual.
         """
         target_BD = x_out_BD * self.norm_factor_out
         x_BD = x_in_BD * self.norm_factor_in
         af = self.activation_function
         values_BK = indices_BK = latents_BS = None
+        extra = x_BD.new_zeros(())
         sparse = af.sparse_encode(x_BD, self.W_E, self.b_E)
         if sparse is not None:
             values_BK, indices_BK = sparse
             reconstruction_BD = sparse_decode(values_BK, indices_BK, self.W_D) + self.b_D
             sparsity = x_BD.new_zeros(())
         else:
-            pre_BS = self.pre_activations(x_BD)
+            pre_BS = af.pre_activations(x_BD, self.W_E, self.b_E)
             latents_BS = af(pre_BS)
             reconstruction_BD = self.decode_normalized(latents_BS)
             sparsity = af.sparsity_loss(pre_BS, latents_BS, self.decoder_norms())
+            extra = af.auxiliary_loss(x_BD, pre_BS, self.W_D, self.b_D, target_BD)
         mse = (reconstruction_BD - target_BD).pow(2).sum(dim=-1).mean()
+        own = None if sparse is not None else af.reconstruction_loss(pre_BS, latents_BS, self.W_D, self.b_D, target_BD)
         aux = self._aux_k_loss(x_BD, (target_BD - reconstruction_BD).detach(), dead_S)
-        loss = mse + sparsity_coefficient * sparsity + self.cfg.aux_k_coefficient * aux
+        variance = target_BD.detach().float().var(dim=0, unbiased=False).sum()
+        loss = (mse if own is None else own) + sparsity_coefficient * sparsity + extra
+        loss = loss + self.cfg.aux_k_coefficient * variance * aux
         return SAELoss(loss, mse, sparsity, aux, target_BD, reconstruction_BD, latents_BS, values_BK, indices_BK)
 
     def _aux_k_loss(self, x_BD: torch.Tensor, residual_BD: torch.Tensor, dead_S: torch.Tensor | None) -> torch.Tensor:

@@ -25,7 +25,7 @@ class _SparseTopKEncode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_values_BK: torch.Tensor, _grad_indices: torch.Tensor | None):  # type: ignore[override]
         x_BD, W_E_DS, values_BK, indices_BK = ctx.saved_tensors
-        grad_BK = grad_values_BK * (values_BK > 0)  # through the ReLU
+        grad_BK = (grad_values_BK * (values_BK > 0)).to(x_BD.dtype)  # through the ReLU; autocast: back to fp32
         batch, k = indices_BK.shape
         d_sae = W_E_DS.shape[1]
         grad_x = grad_W_E = grad_b_E = None
@@ -53,5 +53,6 @@ def sparse_topk_encode(
 
 
 def sparse_decode(values_BK: torch.Tensor, indices_BK: torch.Tensor, W_D_SD: torch.Tensor) -> torch.Tensor:
-    """sum_k values[b, k] * W_D[indices[b, k]]  (no bias)."""
-    return F.embedding_bag(indices_BK, W_D_SD, per_sample_weights=values_BK, mode="sum")
+    """sum_k values[b, k] * W_D[indices[b, k]]  (no bias). Under autocast the values may come in a lower
+    precision than W_D; embedding_bag wants one dtype, and the gather is cheap at W_D's."""
+    return F.embedding_bag(indices_BK, W_D_SD, per_sample_weights=values_BK.to(W_D_SD.dtype), mode="sum")

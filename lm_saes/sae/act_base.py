@@ -1,0 +1,64 @@
+"""The interface every activation function implements: what the SAE and the trainer ask of a variant."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from lm_saes.sae.config import SAEConfig
+
+
+class ActivationFunction(nn.Module):
+    """(batch, d_sae) pre-activations -> (batch, d_sae) latents; plus the variant's sparsity penalty."""
+
+    uses_aux_k = False
+    """Whether dead latents are trained on the residual (AuxK; TopK-style variants)."""
+    unit_decoder = False
+    """The variant's default for `sae.unit_decoder_norm`: decoder rows held at unit norm while training (the
+    TopK family, whose selection a free decoder norm would skew)."""
+
+    def __init__(self, cfg: "SAEConfig") -> None:
+        super().__init__()
+        self.cfg = cfg
+
+    def sparsity_loss(self, pre_BS: torch.Tensor, latents_BS: torch.Tensor, decoder_norms_S: torch.Tensor) -> torch.Tensor:
+        return pre_BS.new_zeros(())
+
+    def set_progress(self, step: int, total_steps: int) -> None:
+        """Told the step about to run (from 0) of `total_steps` (for schedules such as k annealing)."""
+
+    @classmethod
+    def max_k(cls, cfg: "SAEConfig") -> int | None:
+        """The most latents per token it ever selects (sae.top_k, checked against d_sae when the SAE is built);
+        None when it selects no fixed number."""
+        return None
+
+    def sparse_encode(
+        self, x_BD: torch.Tensor, W_E_DS: torch.Tensor, b_E_S: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The training path that never forms the dense latents: (values, indices), each (batch, k), of the
+        selected latents, with no sparsity penalty. None (the default): train on the dense latents."""
+        return None
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        """Adam parameter groups for those of its parameters that learn at a rate of their own (its other
+        parameters, and the SAE's, learn at `lr`)."""
+        return []
+
+    def reconstruction_loss(self, pre_BS: torch.Tensor, latents_BS: torch.Tensor, W_D_SD: torch.Tensor,
+                            b_D_D: torch.Tensor, target_BD: torch.Tensor) -> torch.Tensor | None:
+        """A variant's own reconstruction loss on the dense latents (e.g. Matryoshka's sum over nested
+        prefixes); None (the default): the squared error of the full reconstruction."""
+        return None
+
+    def auxiliary_loss(self, x_BD: torch.Tensor, pre_BS: torch.Tensor, W_D_SD: torch.Tensor, b_D_D: torch.Tensor,
+                       target_BD: torch.Tensor) -> torch.Tensor:
+        """A variant's own auxiliary loss, added with weight 1 (e.g. the gated SAE's); 0 by default."""
+        return pre_BS.new_zeros(())
+
+    def pre_activations(self, x_BD: torch.Tensor, W_E_DS: torch.Tensor, b_E_S: torch.Tensor) -> torch.Tensor:
+        """What the latents are computed from: x W_E + b_E, unless a variant keeps biases of its own."""
+        return x_BD @ W_E_DS + b_E_S

@@ -1,0 +1,92 @@
+"""JumpReLU (Rajamanoharan et al., 2024): a learned per-latent threshold trained through straight-through
+estimators with a rectangle kernel."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from lm_saes.sae.act_base import ActivationFunction
+
+if TYPE_CHECKING:
+    from lm_saes.sae.config import SAEConfig
+
+
+def _save_for_kernel(ctx: Any, pre_BS: torch.Tensor, threshold_S: torch.Tensor, bandwidth: float) -> None:
+    ctx.save_for_backward(pre_BS, threshold_S)
+    ctx.bandwidth = bandwidth
+
+
+def _rectangle_kernel(ctx: Any, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(pre, theta, kernel): the straight-through estimate of the Dirac delta at the threshold, 1/eps where
+    |pre - theta| < eps/2 and 0 elsewhere (eps the bandwidth); d/dtheta of both functions below goes through it."""
+    pre_BS, threshold_S = ctx.saved_tensors
+    eps = ctx.bandwidth
+    return pre_BS, threshold_S, ((pre_BS - threshold_S).abs() < eps / 2).to(dtype) / eps
+
+
+class _JumpReLUFunction(torch.autograd.Function):
+    """pre * H(pre - theta); d/dtheta through the rectangle kernel."""
+
+    @staticmethod
+    def forward(ctx, pre_BS: torch.Tensor, threshold_S: torch.Tensor, bandwidth: float) -> torch.Tensor:  # type: ignore[override]
+        _save_for_kernel(ctx, pre_BS, threshold_S, bandwidth)
+        return pre_BS * (pre_BS > threshold_S)
+
+    @staticmethod
+    def backward(ctx, grad_BS: torch.Tensor):  # type: ignore[override]
+        pre_BS, threshold_S, kernel_BS = _rectangle_kernel(ctx, grad_BS.dtype)
+        grad_pre = grad_BS * (pre_BS > threshold_S)
+        return grad_pre, (-threshold_S * kernel_BS * grad_BS).sum(dim=0), None
+
+
+class _StepFunction(torch.autograd.Function):
+    """H(pre - theta), for the L0 penalty; d/dtheta through the same kernel."""
+
+    @staticmethod
+    def forward(ctx, pre_BS: torch.Tensor, threshold_S: torch.Tensor, bandwidth: float) -> torch.Tensor:  # type: ignore[override]
+        _save_for_kernel(ctx, pre_BS, threshold_S, bandwidth)
+        return (pre_BS > threshold_S).to(pre_BS.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_BS: torch.Tensor):  # type: ignore[override]
+        _, _, kernel_BS = _rectangle_kernel(ctx, grad_BS.dtype)
+        return None, (-kernel_BS * grad_BS).sum(dim=0), None
+
+
+class JumpReLU(ActivationFunction):
+    """A learned per-latent threshold, stored as its log.
+
+    The paper states its initial threshold and bandwidth for inputs of unit mean squared norm; ours have mean
+    norm sqrt(d_model), so both are taken in the paper's units and multiplied by sqrt(d_model) here.
+    """
+
+    def __init__(self, cfg: "SAEConfig") -> None:
+        super().__init__(cfg)
+        assert cfg.d_model is not None
+        self.scale = math.sqrt(cfg.d_model)
+        init = math.log(cfg.jumprelu_init_threshold * self.scale)
+        self.log_threshold = nn.Parameter(torch.full((cfg.d_sae,), init, dtype=cfg.dtype, device=cfg.device))
+
+    @property
+    def threshold_S(self) -> torch.Tensor:
+        return self.log_threshold.exp()
+
+    @property
+    def bandwidth(self) -> float:
+        return self.cfg.jumprelu_bandwidth * self.scale
+
+    def forward(self, pre_BS: torch.Tensor) -> torch.Tensor:
+        return _JumpReLUFunction.apply(pre_BS, self.threshold_S, self.bandwidth)
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        return [{"params": [self.log_threshold], "lr": lr * self.cfg.jumprelu_lr_factor}]
+
+    def sparsity_loss(self, pre_BS: torch.Tensor, latents_BS: torch.Tensor, decoder_norms_S: torch.Tensor) -> torch.Tensor:
+        if self.cfg.jumprelu_sparsity == "l0":
+            return _StepFunction.apply(pre_BS, self.threshold_S, self.bandwidth).sum(dim=-1).mean()
+        c = self.cfg.jumprelu_tanh_scale
+        return torch.tanh(c * latents_BS * decoder_norms_S).sum(dim=-1).mean()

@@ -1,0 +1,143 @@
+"""The TopK family: TopK (Gao et al., 2024), BatchTopK (Bussmann et al., 2024) and Matryoshka BatchTopK
+(Bussmann et al., 2025; Nabeshima, 2024)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from lm_saes import distributed
+from lm_saes.sae.act_base import ActivationFunction
+from lm_saes.sae.sparse_topk import sparse_topk_encode
+
+if TYPE_CHECKING:
+    from lm_saes.sae.config import SAEConfig
+
+
+class TopK(ActivationFunction):
+    """Keep the k largest pre-activations per token (then ReLU). k may anneal from top_k_initial to top_k.
+
+    The k in use is a buffer, so a saved or checkpointed SAE encodes with the k of its last step.
+    """
+
+    uses_aux_k = True
+    unit_decoder = True
+
+    def __init__(self, cfg: "SAEConfig") -> None:
+        super().__init__(cfg)
+        self.register_buffer("k_current", torch.tensor(cfg.top_k_initial or cfg.top_k, device=cfg.device))
+
+    @property
+    def k(self) -> int:
+        return int(self.k_current)
+
+    def set_progress(self, step: int, total_steps: int) -> None:
+        start, end, span = self.cfg.top_k_initial, self.cfg.top_k, self.cfg.top_k_anneal_fraction
+        if start is None or span <= 0:
+            self.k_current.fill_(end)
+        else:
+            t = min(step / total_steps / span, 1.0)
+            self.k_current.fill_(round(start + (end - start) * t))
+
+    @classmethod
+    def max_k(cls, cfg: "SAEConfig") -> int | None:
+        return max(cfg.top_k, cfg.top_k_initial or 0)
+
+    def sparse_encode(
+        self, x_BD: torch.Tensor, W_E_DS: torch.Tensor, b_E_S: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return sparse_topk_encode(x_BD, W_E_DS, b_E_S, self.k) if self.cfg.sparse_topk else None
+
+    def select(self, pre_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, indices), each (batch, k): the kept latents, values after ReLU."""
+        values_BK, indices_BK = pre_BS.topk(min(self.k, pre_BS.shape[-1]), dim=-1, sorted=False)
+        return torch.relu(values_BK), indices_BK
+
+    def forward(self, pre_BS: torch.Tensor) -> torch.Tensor:
+        values_BK, indices_BK = self.select(pre_BS)
+        return torch.zeros_like(pre_BS).scatter(-1, indices_BK, values_BK)
+
+
+class BatchTopK(TopK):
+    """Training: keep the k*batch largest pre-activations of the whole batch, so tokens share a budget.
+
+    At inference (eval mode) the SAE is per-token: a JumpReLU with one threshold for every latent, the
+    smallest kept value of a training batch (the value that gives exactly k per token on that batch). It is
+    a moving average while the weights still move, and over the last `sae.batchtopk_threshold_window` of
+    training the plain mean of those batches' values, so it forgets the early steps.
+    """
+
+    def __init__(self, cfg: "SAEConfig") -> None:
+        super().__init__(cfg)
+        self.register_buffer("threshold", torch.zeros((), dtype=cfg.dtype, device=cfg.device))
+        self.register_buffer("threshold_initialized", torch.zeros((), dtype=torch.bool, device=cfg.device))
+        self._final_weight: float | None = None
+
+    def set_progress(self, step: int, total_steps: int) -> None:
+        super().set_progress(step, total_steps)
+        final_start = total_steps - max(1, round(self.cfg.batchtopk_threshold_window * total_steps))
+        self._final_weight = 1 / (step - final_start + 1) if step >= final_start else None
+
+    def sparse_encode(
+        self, x_BD: torch.Tensor, W_E_DS: torch.Tensor, b_E_S: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None  # tokens share the batch's budget: there is no per-token k to select
+
+    def forward(self, pre_BS: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return pre_BS * (pre_BS > self.threshold)
+        return self.batch_select(pre_BS, self.k, learn_threshold=True)
+
+    def batch_select(self, pre_BS: torch.Tensor, k: int, learn_threshold: bool = False) -> torch.Tensor:
+        """The k*batch largest relu(pre) of the batch (dense); with `learn_threshold`, updates the threshold."""
+        flat = torch.relu(pre_BS).flatten()
+        n_keep = min(k * pre_BS.shape[0], flat.numel())
+        values, indices = flat.topk(n_keep, sorted=False)
+        latents_BS = torch.zeros_like(flat).scatter(0, indices, values).view_as(pre_BS)
+        if learn_threshold and torch.is_grad_enabled():  # not on a look without training (the init search)
+            self._update_threshold(values.detach().float())
+        return latents_BS
+
+    @torch.no_grad()
+    def _update_threshold(self, kept: torch.Tensor) -> None:
+        positive = kept[kept > 0]
+        # Data-parallel ranks each see their own batch: they move the threshold by the mean of their
+        # smallest kept values, so that it stays the same on every rank (a no-op in a single process).
+        local = torch.stack([positive.min() if positive.numel() else positive.new_zeros(()),
+                             positive.new_tensor(float(positive.numel() > 0))])
+        smallest_sum, n_ranks = distributed.all_reduce_sum(local)
+        if n_ranks == 0:
+            return
+        smallest = (smallest_sum / n_ranks).to(self.threshold.dtype)
+        if not bool(self.threshold_initialized):
+            self.threshold.copy_(smallest)
+            self.threshold_initialized.fill_(True)
+        else:
+            weight = self._final_weight if self._final_weight is not None else self.cfg.batchtopk_threshold_momentum
+            self.threshold.lerp_(smallest, weight)
+
+
+class MatryoshkaBatchTopK(BatchTopK):
+    """BatchTopK whose nested prefixes of the dictionary (`sae.matryoshka_prefixes`) each reconstruct the input.
+
+    A known failure, one global top k with every prefix's loss at equal weight, rewards the first latents in
+    every term until they turn dense. Here each prefix is a BatchTopK SAE of its own: it selects its own k x
+    batch latents among its first m, so a small prefix must reconstruct with k latents as a small SAE would;
+    the loss is the mean of the prefixes' squared errors, so the total keeps the scale of one reconstruction.
+    The full dictionary's selection is the one used for the latents, the threshold and inference.
+    """
+
+    def prefix_sizes(self) -> list[int]:
+        d_sae = self.cfg.d_sae
+        sizes = {round(p * d_sae) if p < 1 else int(p) for p in self.cfg.matryoshka_prefixes or []}
+        return sorted({min(max(s, 1), d_sae) for s in sizes} | {d_sae})
+
+    def reconstruction_loss(self, pre_BS: torch.Tensor, latents_BS: torch.Tensor, W_D_SD: torch.Tensor,
+                            b_D_D: torch.Tensor, target_BD: torch.Tensor) -> torch.Tensor | None:
+        losses = []
+        for m in self.prefix_sizes():
+            prefix_BM = latents_BS if m == latents_BS.shape[1] else self.batch_select(pre_BS[:, :m], self.k)
+            reconstruction_BD = prefix_BM @ W_D_SD[:m] + b_D_D
+            losses.append((reconstruction_BD - target_BD).pow(2).sum(dim=-1).mean())
+        return torch.stack(losses).mean()
