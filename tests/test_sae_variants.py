@@ -81,6 +81,63 @@ def test_sparse_topk_matches_the_dense_reference_in_outputs_and_gradients() -> N
         torch.testing.assert_close(results[True][1][name], results[False][1][name], msg=name)
 
 
+SPARSE_STEP_CASES = [("relu", {}), ("jumprelu", {"jumprelu_sparsity": "tanh"}), ("jumprelu", {"jumprelu_sparsity": "l0"}),
+                     ("batchtopk", {})]
+
+
+def _step_fp64(act_fn: str, max_density: float, **kw) -> tuple:
+    """One fp64 loss and backward on a batch where about a fifth of the latents fire."""
+    sae = _sae(act_fn, seed=1, dtype=torch.float64, sparse_max_density=max_density,
+               jumprelu_init_threshold=0.3, jumprelu_bandwidth=0.1, **kw)
+    with torch.no_grad():
+        sae.b_E.sub_(1.0 if act_fn == "relu" else 0.0)
+    x = torch.randn(64, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    out = sae.compute_loss(x, x, sparsity_coefficient=0.7)
+    out.loss.backward()
+    return sae, out, {n: p.grad.clone() for n, p in sae.named_parameters()}
+
+
+@pytest.mark.parametrize(("act_fn", "kw"), SPARSE_STEP_CASES)
+@pytest.mark.parametrize("branch", ["sparse", "dense_switch"])
+def test_sparse_step_matches_the_dense_reference(act_fn: str, kw: dict, branch: str) -> None:
+    # sparse_max_density 0 is the variant's own dense path; 1 always takes the sparse step; a tiny density makes
+    # the switch decide dense, reusing the pre-activations it computed to decide.
+    ref_sae, ref, ref_grads = _step_fp64(act_fn, 0.0, **kw)
+    sae, out, grads = _step_fp64(act_fn, 1.0 if branch == "sparse" else 1e-6, **kw)
+    assert (out.latents_BS is None) == (branch == "sparse")
+    torch.testing.assert_close(out.reconstruction_BD, ref.reconstruction_BD)
+    for name in ("loss", "mse", "sparsity"):
+        torch.testing.assert_close(getattr(out, name), getattr(ref, name), msg=name)
+    assert torch.equal(out.firing_counts(128), ref.firing_counts(128)) and out.l0().item() == ref.l0().item()
+    assert set(grads) == set(ref_grads)
+    for name in ref_grads:
+        assert ref_grads[name].abs().sum() > 0, name  # every gradient is exercised
+        torch.testing.assert_close(grads[name], ref_grads[name], msg=name)
+    for name, buffer in ref_sae.named_buffers():  # BatchTopK's threshold learns from the same selection
+        torch.testing.assert_close(dict(sae.named_buffers())[name], buffer, msg=name)
+
+
+def test_jumprelu_sparse_step_keeps_the_latents_just_below_the_threshold() -> None:
+    # Their gradient moves the threshold (straight-through), so they are selected although they do not fire.
+    _, out, _ = _step_fp64("jumprelu", 1.0)
+    assert out.sparse is not None
+    n_firing = int((out.sparse.values_N != 0).sum())
+    assert 0 < n_firing < len(out.sparse.values_N)
+
+
+def test_the_sparse_step_switches_on_the_batch_density() -> None:
+    sae = _sae("relu", sparse_max_density=0.1)
+    x = torch.randn(64, 16)
+    with torch.no_grad():
+        sae.b_E.fill_(10.0)  # every latent fires
+    assert sae.compute_loss(x, x, 1.0).latents_BS is not None
+    with torch.no_grad():
+        sae.b_E.fill_(-10.0)
+        sae.b_E[:3] = 100.0  # 3 of 128 fire: 2% density
+    out = sae.compute_loss(x, x, 1.0)
+    assert out.latents_BS is None and out.l0().item() == 3
+
+
 def test_k_anneals_from_initial_to_final() -> None:
     sae = _sae("topk", top_k_initial=20, top_k_anneal_fraction=0.5)
     ks = []

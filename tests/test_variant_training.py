@@ -51,7 +51,7 @@ def test_a_reloaded_topk_sae_encodes_with_the_k_of_its_last_step(tmp_path) -> No
 # --- autocast ---
 def _has_sparse_path(act_fn: str) -> bool:
     probe = ACTIVATION_FUNCTIONS[act_fn](SAEConfig(hook_point_in="h", d_model=4, act_fn=act_fn, top_k=4))
-    return probe.sparse_encode(torch.zeros(1, 4), torch.zeros(4, 32), torch.zeros(32)) is not None
+    return probe.selects_sparse or probe.sparse_encode(torch.zeros(1, 4), torch.zeros(4, 32), torch.zeros(32)) is not None
 
 
 PATHS = [(act_fn, sparse) for act_fn in sorted(ACTIVATION_FUNCTIONS) for sparse in (False, True)
@@ -62,7 +62,8 @@ PATHS = [(act_fn, sparse) for act_fn in sorted(ACTIVATION_FUNCTIONS) for sparse 
 def test_bfloat16_autocast_trains_and_tracks_float32(act_fn: str, sparse: bool, tmp_path) -> None:
     losses = {}
     for amp in ("float32", "bfloat16"):
-        sae = _sae(act_fn, sparse_topk=sparse)
+        # sparse: TopK's own path, or every step on the firing latents (sae/sparse_step.py); dense: the reference
+        sae = _sae(act_fn, sparse_topk=sparse, sparse_max_density=1.0 if sparse else 0.0)
         final = _fit(sae, 30, tmp_path / amp, amp_dtype=amp, l1_coefficient=0.3, overwrite=True)
         losses[amp] = final["mse"]
     assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.05), losses

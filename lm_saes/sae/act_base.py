@@ -43,6 +43,25 @@ class ActivationFunction(nn.Module):
         selected latents, with no sparsity penalty. None (the default): train on the dense latents."""
         return None
 
+    selects_sparse = False
+    """Whether it has the generic sparse step (`sparse_select` and the two methods after it; sae/sparse_step.py)."""
+
+    def sparse_select(self, pre_BS: torch.Tensor, max_density: float) -> torch.Tensor | None:
+        """Sorted flat indices (into pre_BS.flatten()) of the latents a sparse step needs: those that fire, and
+        any that have a gradient without firing. None: step densely on this batch (more than `max_density` of
+        its latents would be needed). Called once per training step, before `sparse_latents`."""
+        return None
+
+    def sparse_latents(self, pre_N: torch.Tensor, cols_N: torch.Tensor) -> torch.Tensor:
+        """The latents at the selected entries (latent `cols_N`), from their pre-activations, with the gradient
+        the dense forward gives them."""
+        raise NotImplementedError
+
+    def sparse_sparsity_loss(self, pre_N: torch.Tensor, values_N: torch.Tensor, cols_N: torch.Tensor,
+                             decoder_norms_S: torch.Tensor, batch: int) -> torch.Tensor:
+        """`sparsity_loss` from the selected entries alone (the others add neither value nor gradient)."""
+        return pre_N.new_zeros(())
+
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         """Adam parameter groups for those of its parameters that learn at a rate of their own (its other
         parameters, and the SAE's, learn at `lr`)."""

@@ -23,6 +23,7 @@ import torch
 from lm_saes.sae.act_base import ActivationFunction
 from lm_saes.sae.gated import Gated
 from lm_saes.sae.jumprelu import JumpReLU
+from lm_saes.sae.sparse_step import flat_entries
 from lm_saes.sae.topk import BatchTopK, MatryoshkaBatchTopK, TopK
 
 if TYPE_CHECKING:
@@ -32,12 +33,23 @@ __all__ = ["ACTIVATION_FUNCTIONS", "ActivationFunction", "build_activation_funct
 
 
 class ReLU(ActivationFunction):
+    selects_sparse = True
+
     def forward(self, pre_BS: torch.Tensor) -> torch.Tensor:
         return torch.relu(pre_BS)
 
     def sparsity_loss(self, pre_BS: torch.Tensor, latents_BS: torch.Tensor, decoder_norms_S: torch.Tensor) -> torch.Tensor:
         return (latents_BS * decoder_norms_S).sum(dim=-1).mean()
 
+    def sparse_select(self, pre_BS: torch.Tensor, max_density: float) -> torch.Tensor | None:
+        return flat_entries(pre_BS > 0, max_density)
+
+    def sparse_latents(self, pre_N: torch.Tensor, cols_N: torch.Tensor) -> torch.Tensor:
+        return torch.relu(pre_N)
+
+    def sparse_sparsity_loss(self, pre_N: torch.Tensor, values_N: torch.Tensor, cols_N: torch.Tensor,
+                             decoder_norms_S: torch.Tensor, batch: int) -> torch.Tensor:
+        return (values_N * decoder_norms_S[cols_N]).sum() / batch
 
 
 ACTIVATION_FUNCTIONS: dict[str, type[ActivationFunction]] = {

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lm_saes.sae.act_base import ActivationFunction
+from lm_saes.sae.sparse_step import flat_entries
 
 if TYPE_CHECKING:
     from lm_saes.sae.config import SAEConfig
@@ -40,7 +41,8 @@ class _JumpReLUFunction(torch.autograd.Function):
     def backward(ctx, grad_BS: torch.Tensor):  # type: ignore[override]
         pre_BS, threshold_S, kernel_BS = _rectangle_kernel(ctx, grad_BS.dtype)
         grad_pre = grad_BS * (pre_BS > threshold_S)
-        return grad_pre, (-threshold_S * kernel_BS * grad_BS).sum(dim=0), None
+        # sum_to_size: a (batch, d_sae) gradient sums over the batch; a sparse step's gathered (N,) one stays
+        return grad_pre, (-threshold_S * kernel_BS * grad_BS).sum_to_size(threshold_S.shape), None
 
 
 class _StepFunction(torch.autograd.Function):
@@ -53,8 +55,8 @@ class _StepFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_BS: torch.Tensor):  # type: ignore[override]
-        _, _, kernel_BS = _rectangle_kernel(ctx, grad_BS.dtype)
-        return None, (-kernel_BS * grad_BS).sum(dim=0), None
+        _, threshold_S, kernel_BS = _rectangle_kernel(ctx, grad_BS.dtype)
+        return None, (-kernel_BS * grad_BS).sum_to_size(threshold_S.shape), None
 
 
 class JumpReLU(ActivationFunction):
@@ -79,8 +81,26 @@ class JumpReLU(ActivationFunction):
     def bandwidth(self) -> float:
         return self.cfg.jumprelu_bandwidth * self.scale
 
+    selects_sparse = True
+
     def forward(self, pre_BS: torch.Tensor) -> torch.Tensor:
         return _JumpReLUFunction.apply(pre_BS, self.threshold_S, self.bandwidth)
+
+    def sparse_select(self, pre_BS: torch.Tensor, max_density: float) -> torch.Tensor | None:
+        # The firing latents and those within the kernel's window below the threshold, whose gradient moves it:
+        # pre - theta > -eps/2 holds for both (computed as the kernel computes it, so no entry is missed).
+        with torch.no_grad():
+            return flat_entries(pre_BS - self.threshold_S > -self.bandwidth / 2, max_density)
+
+    def sparse_latents(self, pre_N: torch.Tensor, cols_N: torch.Tensor) -> torch.Tensor:
+        return _JumpReLUFunction.apply(pre_N, self.threshold_S[cols_N], self.bandwidth)
+
+    def sparse_sparsity_loss(self, pre_N: torch.Tensor, values_N: torch.Tensor, cols_N: torch.Tensor,
+                             decoder_norms_S: torch.Tensor, batch: int) -> torch.Tensor:
+        if self.cfg.jumprelu_sparsity == "l0":
+            return _StepFunction.apply(pre_N, self.threshold_S[cols_N], self.bandwidth).sum() / batch
+        c = self.cfg.jumprelu_tanh_scale
+        return torch.tanh(c * values_N * decoder_norms_S[cols_N]).sum() / batch
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         return [{"params": [self.log_threshold], "lr": lr * self.cfg.jumprelu_lr_factor}]

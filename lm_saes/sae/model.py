@@ -16,7 +16,8 @@ from lm_saes import metrics
 from lm_saes.errors import UserInputError
 from lm_saes.sae.activation_functions import ACTIVATION_FUNCTIONS, ActivationFunction, build_activation_function
 from lm_saes.sae.config import CONFIG_FILE, SAEConfig
-from lm_saes.sae.sparse_topk import sparse_decode
+from lm_saes.sae.sparse_step import SparseLatents, dense_pre, pre_activations_once, sparse_pre
+from lm_saes.sae.sparse_topk import sparse_decode, topk_rows
 
 if TYPE_CHECKING:
     from lm_saes.interop.saelens import SAELensMetadata
@@ -40,21 +41,20 @@ class SAELoss(NamedTuple):
     reconstruction_BD: torch.Tensor
     """The normalised reconstruction."""
     latents_BS: torch.Tensor | None
-    """Dense latents; None on a sparse path (e.g. TopK's), which has only the k active ones:"""
-    top_values_BK: torch.Tensor | None = None
-    top_indices_BK: torch.Tensor | None = None
+    """Dense latents; None on a sparse step, which has only the selected ones:"""
+    sparse: SparseLatents | None = None
 
     def l0(self) -> torch.Tensor:
         if self.latents_BS is not None:
             return metrics.l0(self.latents_BS)
-        assert self.top_values_BK is not None
-        return (self.top_values_BK > 0).float().sum(dim=-1).mean()
+        assert self.sparse is not None
+        return (self.sparse.values_N != 0).sum() / len(self.sparse.offsets_B)
 
     def firing_counts(self, d_sae: int) -> torch.Tensor:
         if self.latents_BS is not None:
             return metrics.firing_counts(self.latents_BS)
-        assert self.top_values_BK is not None and self.top_indices_BK is not None
-        return torch.bincount(self.top_indices_BK[self.top_values_BK > 0], minlength=d_sae)
+        assert self.sparse is not None
+        return self.sparse.firing_counts(d_sae)
 
 
 class SparseAutoEncoder(nn.Module):
@@ -157,15 +157,13 @@ class SparseAutoEncoder(nn.Module):
         target_BD = x_out_BD * self.norm_factor_out
         x_BD = x_in_BD * self.norm_factor_in
         af = self.activation_function
-        values_BK = indices_BK = latents_BS = None
+        latents_BS = None
         extra = x_BD.new_zeros(())
-        sparse = af.sparse_encode(x_BD, self.W_E, self.b_E)
+        sparse, sparsity, pre_BS = self._training_encode(x_BD)
         if sparse is not None:
-            values_BK, indices_BK = sparse
-            reconstruction_BD = sparse_decode(values_BK, indices_BK, self.W_D) + self.b_D
-            sparsity = x_BD.new_zeros(())
+            reconstruction_BD = sparse.decode(self.W_D) + self.b_D
         else:
-            pre_BS = af.pre_activations(x_BD, self.W_E, self.b_E)
+            pre_BS = af.pre_activations(x_BD, self.W_E, self.b_E) if pre_BS is None else pre_BS
             latents_BS = af(pre_BS)
             reconstruction_BD = self.decode_normalized(latents_BS)
             sparsity = af.sparsity_loss(pre_BS, latents_BS, self.decoder_norms())
@@ -176,7 +174,29 @@ class SparseAutoEncoder(nn.Module):
         variance = target_BD.detach().float().var(dim=0, unbiased=False).sum()
         loss = (mse if own is None else own) + sparsity_coefficient * sparsity + extra
         loss = loss + self.cfg.aux_k_coefficient * variance * aux
-        return SAELoss(loss, mse, sparsity, aux, target_BD, reconstruction_BD, latents_BS, values_BK, indices_BK)
+        return SAELoss(loss, mse, sparsity, aux, target_BD, reconstruction_BD, latents_BS, sparse)
+
+    def _training_encode(
+        self, x_BD: torch.Tensor
+    ) -> tuple[SparseLatents | None, torch.Tensor | None, torch.Tensor | None]:
+        """(latents, sparsity penalty, None) for a sparse step; (None, None, pre-activations) for a dense one
+        whose pre-activations were computed to decide; (None, None, None) for the variant's plain dense path."""
+        af = self.activation_function
+        topk = af.sparse_encode(x_BD, self.W_E, self.b_E)
+        if topk is not None:
+            values_BK, indices_BK = topk
+            rows_N, offsets_B = topk_rows(indices_BK)
+            return SparseLatents(values_BK.flatten(), rows_N, indices_BK.flatten(), offsets_B), x_BD.new_zeros(()), None
+        if not af.selects_sparse or self.cfg.sparse_max_density == 0:
+            return None, None, None
+        pre_BS = pre_activations_once(x_BD, self.W_E, self.b_E)
+        flat_N = af.sparse_select(pre_BS, self.cfg.sparse_max_density)
+        if flat_N is None:
+            return None, None, dense_pre(x_BD, self.W_E, self.b_E, pre_BS)
+        pre_N, rows_N, cols_N, offsets_B = sparse_pre(x_BD, self.W_E, self.b_E, pre_BS, flat_N)
+        values_N = af.sparse_latents(pre_N, cols_N)
+        sparsity = af.sparse_sparsity_loss(pre_N, values_N, cols_N, self.decoder_norms(), x_BD.shape[0])
+        return SparseLatents(values_N, rows_N, cols_N, offsets_B), sparsity, None
 
     def _aux_k_loss(self, x_BD: torch.Tensor, residual_BD: torch.Tensor, dead_S: torch.Tensor | None) -> torch.Tensor:
         """AuxK (Gao et al., 2024): the top aux_k dead latents reconstruct the residual the live ones left.

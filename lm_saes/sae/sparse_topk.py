@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lm_saes.sae.sparse_step import encoder_grads
+
 
 class _SparseTopKEncode(torch.autograd.Function):
     @staticmethod
@@ -25,24 +27,17 @@ class _SparseTopKEncode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_values_BK: torch.Tensor, _grad_indices: torch.Tensor | None):  # type: ignore[override]
         x_BD, W_E_DS, values_BK, indices_BK = ctx.saved_tensors
-        grad_BK = (grad_values_BK * (values_BK > 0)).to(x_BD.dtype)  # through the ReLU; autocast: back to fp32
-        batch, k = indices_BK.shape
-        d_sae = W_E_DS.shape[1]
-        grad_x = grad_W_E = grad_b_E = None
-        if ctx.needs_input_grad[0]:
-            # grad_x[b] = sum_k g[b, k] * W_E[:, idx[b, k]]: a weighted bag of W_E's columns.
-            grad_x = F.embedding_bag(indices_BK, W_E_DS.T.contiguous(), per_sample_weights=grad_BK, mode="sum")
-        if ctx.needs_input_grad[1]:
-            # grad_W_E = x^T G with G the sparse (batch x d_sae) gradient: (G^T x)^T as a sparse-dense product.
-            rows = torch.arange(batch, device=x_BD.device).repeat_interleave(k)
-            G_T = torch.sparse_coo_tensor(
-                torch.stack([indices_BK.flatten(), rows]), grad_BK.flatten(), (d_sae, batch), check_invariants=False
-            )
-            grad_W_E = torch.sparse.mm(G_T, x_BD).T
-        if ctx.needs_input_grad[2]:
-            grad_b_E = torch.zeros(d_sae, dtype=grad_BK.dtype, device=grad_BK.device)
-            grad_b_E.index_add_(0, indices_BK.flatten(), grad_BK.flatten())
-        return grad_x, grad_W_E, grad_b_E, None
+        grad_BK = grad_values_BK * (values_BK > 0)  # through the ReLU
+        rows_N, offsets_B = topk_rows(indices_BK)
+        return *encoder_grads(ctx.needs_input_grad, x_BD, W_E_DS, grad_BK.flatten(), rows_N, indices_BK.flatten(),
+                              offsets_B), None
+
+
+def topk_rows(indices_BK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, offsets) of (batch, k) selected indices read as a CSR list (sparse_step.SparseLatents)."""
+    batch, k = indices_BK.shape
+    rows_B = torch.arange(batch, device=indices_BK.device)
+    return rows_B.repeat_interleave(k), rows_B * k
 
 
 def sparse_topk_encode(

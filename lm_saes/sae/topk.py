@@ -79,10 +79,21 @@ class BatchTopK(TopK):
         final_start = total_steps - max(1, round(self.cfg.batchtopk_threshold_window * total_steps))
         self._final_weight = 1 / (step - final_start + 1) if step >= final_start else None
 
+    selects_sparse = True
+
     def sparse_encode(
         self, x_BD: torch.Tensor, W_E_DS: torch.Tensor, b_E_S: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        return None  # tokens share the batch's budget: there is no per-token k to select
+        return None  # tokens share the batch's budget: no per-token k; the generic sparse step selects instead
+
+    def sparse_select(self, pre_BS: torch.Tensor, max_density: float) -> torch.Tensor | None:
+        if not self.training or self.k > max_density * pre_BS.shape[1]:
+            return None
+        _, indices = self._batch_topk(pre_BS, self.k, learn_threshold=True)
+        return indices.sort().values
+
+    def sparse_latents(self, pre_N: torch.Tensor, cols_N: torch.Tensor) -> torch.Tensor:
+        return torch.relu(pre_N)
 
     def forward(self, pre_BS: torch.Tensor) -> torch.Tensor:
         if not self.training:
@@ -91,13 +102,16 @@ class BatchTopK(TopK):
 
     def batch_select(self, pre_BS: torch.Tensor, k: int, learn_threshold: bool = False) -> torch.Tensor:
         """The k*batch largest relu(pre) of the batch (dense); with `learn_threshold`, updates the threshold."""
+        values, indices = self._batch_topk(pre_BS, k, learn_threshold)
+        return torch.zeros_like(pre_BS).flatten().scatter(0, indices, values).view_as(pre_BS)
+
+    def _batch_topk(self, pre_BS: torch.Tensor, k: int, learn_threshold: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, flat indices) of the k*batch largest relu(pre); with `learn_threshold`, updates the threshold."""
         flat = torch.relu(pre_BS).flatten()
-        n_keep = min(k * pre_BS.shape[0], flat.numel())
-        values, indices = flat.topk(n_keep, sorted=False)
-        latents_BS = torch.zeros_like(flat).scatter(0, indices, values).view_as(pre_BS)
+        values, indices = flat.topk(min(k * pre_BS.shape[0], flat.numel()), sorted=False)
         if learn_threshold and torch.is_grad_enabled():  # not on a look without training (the init search)
             self._update_threshold(values.detach().float())
-        return latents_BS
+        return values, indices
 
     @torch.no_grad()
     def _update_threshold(self, kept: torch.Tensor) -> None:
@@ -127,6 +141,8 @@ class MatryoshkaBatchTopK(BatchTopK):
     the loss is the mean of the prefixes' squared errors, so the total keeps the scale of one reconstruction.
     The full dictionary's selection is the one used for the latents, the threshold and inference.
     """
+
+    selects_sparse = False  # every prefix reconstructs from the dense latents
 
     def prefix_sizes(self) -> list[int]:
         d_sae = self.cfg.d_sae

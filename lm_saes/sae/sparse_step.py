@@ -1,0 +1,126 @@
+"""Training on the firing latents only, for any variant whose latents are sparse (ReLU, JumpReLU, BatchTopK, and
+the TopK path in sparse_topk.py).
+
+The encoder's forward stays dense: every pre-activation is needed to know which latents fire. The variant then
+names the entries of the (batch, d_sae) latents the step needs (those that fire, plus any whose gradient is not
+zero although they do not fire, e.g. JumpReLU's below-threshold window), as a CSR-style list sorted by row:
+values, rows, cols and each row's offset. Everything after that touches only those entries: the decoder is an
+`embedding_bag` over the selected rows of W_D, and the encoder's backward multiplies a sparse (batch x d_sae)
+gradient into dense matrices, never forming a tokens x d_sae tensor.
+
+`dense_pre` is the other branch of the same switch: the pre-activations already computed for the decision,
+handed to autograd with the usual dense backward, so a dense step does not multiply twice.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+
+class SparseLatents(NamedTuple):
+    """The selected entries of a batch's latents, sorted by row; the others are zero and carry no gradient."""
+
+    values_N: torch.Tensor
+    """The latents there (0 at an entry selected only for its gradient)."""
+    rows_N: torch.Tensor
+    cols_N: torch.Tensor
+    offsets_B: torch.Tensor
+    """Where each row's entries start in the lists (its end is the next row's start)."""
+
+    def decode(self, W_D_SD: torch.Tensor) -> torch.Tensor:
+        """sum over a row's entries of value * W_D[col] (no bias). Under autocast the values may come in a lower
+        precision than W_D; embedding_bag wants one dtype, and the gather is cheap at W_D's."""
+        return F.embedding_bag(self.cols_N, W_D_SD, self.offsets_B, mode="sum",
+                               per_sample_weights=self.values_N.to(W_D_SD.dtype))
+
+    def firing_counts(self, d_sae: int) -> torch.Tensor:
+        """(d_sae,) number of rows on which each latent is non-zero."""
+        return torch.bincount(self.cols_N[self.values_N != 0], minlength=d_sae)
+
+
+def csr_from_flat(flat_N: torch.Tensor, batch: int, d_sae: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, cols, offsets) of sorted flat indices into a (batch, d_sae) matrix."""
+    rows_N, cols_N = flat_N // d_sae, flat_N % d_sae
+    counts_B = torch.zeros(batch, dtype=torch.long, device=flat_N.device).index_add_(0, rows_N, torch.ones_like(rows_N))
+    return rows_N, cols_N, counts_B.cumsum(0) - counts_B
+
+
+def flat_entries(mask_BS: torch.Tensor, max_density: float) -> torch.Tensor | None:
+    """Sorted flat indices of the true entries of `mask`, or None when more than `max_density` of them are true
+    (a dense step is then cheaper). One host sync: the count decides the path."""
+    if int(mask_BS.sum()) > max_density * mask_BS.numel():
+        return None
+    return mask_BS.flatten().nonzero().squeeze(1)
+
+
+def encoder_grads(
+    needs_input_grad: tuple[bool, ...], x_BD: torch.Tensor, W_E_DS: torch.Tensor, grad_N: torch.Tensor,
+    rows_N: torch.Tensor, cols_N: torch.Tensor, offsets_B: torch.Tensor,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(grad x, grad W_E, grad b_E) of pre = x W_E + b_E from the pre-activations' gradient at the selected entries."""
+    grad_N = grad_N.to(x_BD.dtype)  # autocast: the sparse products run at the weights' precision
+    batch, d_sae = x_BD.shape[0], W_E_DS.shape[1]
+    grad_x = grad_W_E = grad_b_E = None
+    if needs_input_grad[0]:
+        # grad_x[b] = sum over b's entries of g * W_E[:, col]: a weighted bag of W_E's columns.
+        grad_x = F.embedding_bag(cols_N, W_E_DS.T.contiguous(), offsets_B, mode="sum", per_sample_weights=grad_N)
+    if needs_input_grad[1]:
+        # grad_W_E = x^T G with G the sparse (batch x d_sae) gradient: (G^T x)^T as a sparse-dense product.
+        G_T = torch.sparse_coo_tensor(torch.stack([cols_N, rows_N]), grad_N, (d_sae, batch), check_invariants=False)
+        grad_W_E = torch.sparse.mm(G_T, x_BD).T
+    if needs_input_grad[2]:
+        grad_b_E = torch.zeros(d_sae, dtype=grad_N.dtype, device=grad_N.device).index_add_(0, cols_N, grad_N)
+    return grad_x, grad_W_E, grad_b_E
+
+
+class _SparsePre(torch.autograd.Function):
+    """pre[rows, cols] of pre-activations computed without autograd; backward: encoder_grads."""
+
+    @staticmethod
+    def forward(ctx, x_BD, W_E_DS, b_E_S, pre_BS, rows_N, cols_N, offsets_B):  # type: ignore[override]
+        ctx.save_for_backward(x_BD, W_E_DS, rows_N, cols_N, offsets_B)
+        return pre_BS[rows_N, cols_N]
+
+    @staticmethod
+    def backward(ctx, grad_N):  # type: ignore[override]
+        x_BD, W_E_DS, rows_N, cols_N, offsets_B = ctx.saved_tensors
+        return *encoder_grads(ctx.needs_input_grad, x_BD, W_E_DS, grad_N, rows_N, cols_N, offsets_B), None, None, None, None
+
+
+class _DensePre(torch.autograd.Function):
+    """Pre-activations computed without autograd, given the dense backward of x W_E + b_E."""
+
+    @staticmethod
+    def forward(ctx, x_BD, W_E_DS, b_E_S, pre_BS):  # type: ignore[override]
+        ctx.save_for_backward(x_BD, W_E_DS)
+        return pre_BS
+
+    @staticmethod
+    def backward(ctx, grad_BS):  # type: ignore[override]
+        x_BD, W_E_DS = ctx.saved_tensors
+        low = grad_BS.dtype  # under autocast the products run in its dtype, as autocast's own addmm would
+        grad_x = grad_BS @ W_E_DS.to(low).T if ctx.needs_input_grad[0] else None
+        grad_W_E = x_BD.to(low).T @ grad_BS if ctx.needs_input_grad[1] else None
+        grad_b_E = grad_BS.sum(dim=0) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_W_E, grad_b_E, None
+
+
+def pre_activations_once(x_BD: torch.Tensor, W_E_DS: torch.Tensor, b_E_S: torch.Tensor) -> torch.Tensor:
+    """x W_E + b_E without autograd: the values a variant selects from; `dense_pre` or `sparse_pre` then
+    attaches the gradient of the branch taken."""
+    with torch.no_grad():
+        return torch.addmm(b_E_S, x_BD, W_E_DS)
+
+
+def dense_pre(x_BD: torch.Tensor, W_E_DS: torch.Tensor, b_E_S: torch.Tensor, pre_BS: torch.Tensor) -> torch.Tensor:
+    return _DensePre.apply(x_BD, W_E_DS, b_E_S, pre_BS)
+
+
+def sparse_pre(x_BD: torch.Tensor, W_E_DS: torch.Tensor, b_E_S: torch.Tensor, pre_BS: torch.Tensor,
+               flat_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(pre_N, rows, cols, offsets) at the sorted flat indices `flat_N`, with the sparse encoder backward."""
+    rows_N, cols_N, offsets_B = csr_from_flat(flat_N, *pre_BS.shape)
+    return _SparsePre.apply(x_BD, W_E_DS, b_E_S, pre_BS, rows_N, cols_N, offsets_B), rows_N, cols_N, offsets_B
