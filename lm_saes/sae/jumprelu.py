@@ -87,10 +87,12 @@ class JumpReLU(ActivationFunction):
         return _JumpReLUFunction.apply(pre_BS, self.threshold_S, self.bandwidth)
 
     def sparse_select(self, pre_BS: torch.Tensor, max_density: float) -> torch.Tensor | None:
-        # The firing latents and those within the kernel's window below the threshold, whose gradient moves it:
-        # pre - theta > -eps/2 holds for both (computed as the kernel computes it, so no entry is missed).
+        # The firing latents and those within the kernel's window below the threshold, whose gradient moves it.
+        # The bound sits a thousandth of the window lower than theta - eps/2, far beyond the rounding of the
+        # kernel's pre - theta, so no entry the kernel counts is missed (an extra one adds zero to everything).
         with torch.no_grad():
-            return flat_entries(pre_BS - self.threshold_S > -self.bandwidth / 2, max_density)
+            bound_S = self.threshold_S - self.bandwidth * 0.501
+            return flat_entries(pre_BS > bound_S, max_density)
 
     def sparse_latents(self, pre_N: torch.Tensor, cols_N: torch.Tensor) -> torch.Tensor:
         return _JumpReLUFunction.apply(pre_N, self.threshold_S[cols_N], self.bandwidth)

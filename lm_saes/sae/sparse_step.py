@@ -14,6 +14,7 @@ handed to autograd with the usual dense backward, so a dense step does not multi
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -32,13 +33,43 @@ class SparseLatents(NamedTuple):
 
     def decode(self, W_D_SD: torch.Tensor) -> torch.Tensor:
         """sum over a row's entries of value * W_D[col] (no bias). Under autocast the values may come in a lower
-        precision than W_D; embedding_bag wants one dtype, and the gather is cheap at W_D's."""
-        return F.embedding_bag(self.cols_N, W_D_SD, self.offsets_B, mode="sum",
-                               per_sample_weights=self.values_N.to(W_D_SD.dtype))
+        precision than W_D; the products run at W_D's."""
+        return _SparseDecode.apply(self.values_N.to(W_D_SD.dtype), W_D_SD, self.rows_N, self.cols_N, self.offsets_B)
 
     def firing_counts(self, d_sae: int) -> torch.Tensor:
         """(d_sae,) number of rows on which each latent is non-zero."""
         return torch.bincount(self.cols_N[self.values_N != 0], minlength=d_sae)
+
+
+def _transposed(values_N: torch.Tensor, rows_N: torch.Tensor, cols_N: torch.Tensor, batch: int, d_sae: int) -> torch.Tensor:
+    """The (d_sae, batch) transpose of the selected entries as a COO matrix, left uncoalesced: sparse.mm
+    scatters it row by row without sorting (sorting costs more than the product on a CPU)."""
+    return torch.sparse_coo_tensor(torch.stack([cols_N, rows_N]), values_N, (d_sae, batch), check_invariants=False)
+
+
+class _SparseDecode(torch.autograd.Function):
+    """embedding_bag's forward; a backward that never sorts (embedding_bag's own sorts the indices for W's
+    gradient, several times the cost of the products on a CPU)."""
+
+    @staticmethod
+    def forward(ctx, values_N, W_D_SD, rows_N, cols_N, offsets_B):  # type: ignore[override]
+        ctx.save_for_backward(values_N, W_D_SD, rows_N, cols_N, offsets_B)
+        return F.embedding_bag(cols_N, W_D_SD, offsets_B, mode="sum", per_sample_weights=values_N)
+
+    @staticmethod
+    def backward(ctx, grad_BD):  # type: ignore[override]
+        values_N, W_D_SD, rows_N, cols_N, offsets_B = ctx.saved_tensors
+        batch, d_sae = len(offsets_B), W_D_SD.shape[0]
+        grad_values = grad_W_D = None
+        if ctx.needs_input_grad[0]:  # <grad[row], W_D[col]> at each entry: a sampled dense-dense product
+            with warnings.catch_warnings():  # "CSR support is in beta": sampled_addmm has been stable since 1.13
+                warnings.simplefilter("ignore", UserWarning)
+                pattern = torch.sparse_csr_tensor(torch.cat([offsets_B, offsets_B.new_tensor([len(cols_N)])]), cols_N,
+                                                  values_N, (batch, d_sae), check_invariants=False)
+            grad_values = torch.sparse.sampled_addmm(pattern, grad_BD.contiguous(), W_D_SD.T, beta=0.0).values()
+        if ctx.needs_input_grad[1]:
+            grad_W_D = torch.sparse.mm(_transposed(values_N, rows_N, cols_N, batch, d_sae), grad_BD)
+        return grad_values, grad_W_D, None, None, None
 
 
 def csr_from_flat(flat_N: torch.Tensor, batch: int, d_sae: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -51,7 +82,7 @@ def csr_from_flat(flat_N: torch.Tensor, batch: int, d_sae: int) -> tuple[torch.T
 def flat_entries(mask_BS: torch.Tensor, max_density: float) -> torch.Tensor | None:
     """Sorted flat indices of the true entries of `mask`, or None when more than `max_density` of them are true
     (a dense step is then cheaper). One host sync: the count decides the path."""
-    if int(mask_BS.sum()) > max_density * mask_BS.numel():
+    if int(torch.count_nonzero(mask_BS)) > max_density * mask_BS.numel():  # (count_nonzero: ~5x a bool sum)
         return None
     return mask_BS.flatten().nonzero().squeeze(1)
 
@@ -69,8 +100,7 @@ def encoder_grads(
         grad_x = F.embedding_bag(cols_N, W_E_DS.T.contiguous(), offsets_B, mode="sum", per_sample_weights=grad_N)
     if needs_input_grad[1]:
         # grad_W_E = x^T G with G the sparse (batch x d_sae) gradient: (G^T x)^T as a sparse-dense product.
-        G_T = torch.sparse_coo_tensor(torch.stack([cols_N, rows_N]), grad_N, (d_sae, batch), check_invariants=False)
-        grad_W_E = torch.sparse.mm(G_T, x_BD).T
+        grad_W_E = torch.sparse.mm(_transposed(grad_N, rows_N, cols_N, batch, d_sae), x_BD).T
     if needs_input_grad[2]:
         grad_b_E = torch.zeros(d_sae, dtype=grad_N.dtype, device=grad_N.device).index_add_(0, cols_N, grad_N)
     return grad_x, grad_W_E, grad_b_E
