@@ -38,8 +38,13 @@ def explained_variance_sums(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> torch
 def explained_variance_from_sums(sums: torch.Tensor, n_rows: int) -> float:
     """explained_variance over `n_rows` rows from their `explained_variance_sums` (added up): the total
     variance about the mean is sum ||x||^2 - ||sum x||^2 / n."""
+    return float(explained_variance_tensor_from_sums(sums, n_rows))
+
+
+def explained_variance_tensor_from_sums(sums: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """`explained_variance_from_sums` as a tensor on the sums' device (no host sync)."""
     sse, sum_sq, sum_x_D = sums[0], sums[1], sums[2:]
-    return float(1 - sse / (sum_sq - sum_x_D.pow(2).sum() / n_rows))
+    return 1 - sse / (sum_sq - sum_x_D.pow(2).sum() / n_rows)
 
 
 def l0(latents_BS: torch.Tensor) -> torch.Tensor:
@@ -49,7 +54,7 @@ def l0(latents_BS: torch.Tensor) -> torch.Tensor:
 
 def firing_counts(latents_BS: torch.Tensor) -> torch.Tensor:
     """(d_sae,) number of rows on which each latent is non-zero."""
-    return (latents_BS != 0).sum(dim=0)
+    return (latents_BS != 0).sum(dim=0, dtype=torch.int32)  # int32: ~3x faster than the default int64 sum
 
 
 # --- reconstruction, beyond EV and MSE -------------------------------------------------------------------

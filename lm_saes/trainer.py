@@ -254,7 +254,8 @@ class _Run:
         out.loss.backward()
         n = len(batch["tokens"])
         distributed.sum_gradients_(self.sae.parameters(), n / n_global)
-        totals = StepTotals(distributed.all_reduce_sum(step_totals(out, n, sae_cfg.d_sae, preempted)), sae_cfg.d_model)
+        totals = StepTotals(distributed.all_reduce_sum(step_totals(out, n, sae_cfg.d_sae, preempted)), sae_cfg.d_model,
+                            n_global)
         if totals.diverged:  # no update: every rank stops here, at the same step
             loss, last = out.loss.item(), latest_checkpoint_path(self.run_dir)
             raise TrainingDiverged(
@@ -271,7 +272,7 @@ class _Run:
     def record(self, totals: StepTotals) -> None:
         """The bookkeeping after a step: the counters, the log window's sums, the progress bar."""
         self.state.record(totals)
-        self.progress.advance(int(totals.scalars["n"]))
+        self.progress.advance(totals.n)
 
     def log_window(self) -> dict[str, float | int]:
         """Log the metrics of the steps since the last log line (console, wandb), return them, start afresh."""

@@ -18,44 +18,55 @@ _TOTALS = ("n", "mse", "sparsity_loss", "aux_k_loss", "l0", "diverged", "preempt
 @torch.no_grad()
 def step_totals(out: SAELoss, n: int, d_sae: int, preempted: bool) -> torch.Tensor:
     """This rank's step as one float64 vector of sums over its rows, so that one all-reduce makes it the global
-    batch's: the `_TOTALS` scalars, explained_variance_sums (d_model + 2), then the (d_sae,) firing counts."""
-    means = torch.stack([out.mse.double(), out.sparsity.double(), out.aux_k.double(), out.l0().double()])
-    flags = torch.stack([(~torch.isfinite(out.loss)).double(), means.new_tensor(float(preempted))])
-    scalars = torch.cat([means.new_tensor([float(n)]), means * n, flags])
+    batch's: the `_TOTALS` scalars, explained_variance_sums (d_model + 2), then the (d_sae,) firing counts.
+    L0 is read off the firing counts (their total over the rows), not counted again over the latents."""
+    fired_S = out.firing_counts(d_sae).double()
+    sums = torch.stack([out.mse.double() * n, out.sparsity.double() * n, out.aux_k.double() * n, fired_S.sum()])
+    flags = torch.stack([(~torch.isfinite(out.loss)).double(), sums.new_tensor(float(preempted))])
     ev_sums = metrics.explained_variance_sums(out.target_BD, out.reconstruction_BD)
-    return torch.cat([scalars, ev_sums, out.firing_counts(d_sae).double()])
+    return torch.cat([sums.new_tensor([float(n)]), sums, flags, ev_sums, fired_S])
 
 
 class StepTotals:
-    """A step's totals over the global batch (after the all-reduce), read back."""
+    """A step's totals over the global batch (after the all-reduce). They stay on the device: only the two
+    flags are read back every step (a host sync, which stalls a GPU); the metrics are read at log steps."""
 
-    def __init__(self, totals: torch.Tensor, d_model: int) -> None:
-        self.scalars = dict(zip(_TOTALS, totals[: len(_TOTALS)].tolist()))
+    def __init__(self, totals: torch.Tensor, d_model: int, n_global: int) -> None:
+        self.n = n_global
+        """The global batch's rows (the host's count, the same as totals[0])."""
+        self.sums = totals[1:5]
+        """mse, sparsity_loss, aux_k_loss and l0, each times the rows."""
         self.ev_sums = totals[len(_TOTALS) : len(_TOTALS) + d_model + 2]
         self.fired_S = totals[len(_TOTALS) + d_model + 2 :].long()
-        self.diverged, self.preempted = self.scalars["diverged"] > 0, self.scalars["preempted"] > 0
+        diverged, preempted = totals[5:7].tolist()
+        self.diverged, self.preempted = diverged > 0, preempted > 0
+
+
+_WINDOW_SUMS = ("mse", "sparsity_loss", "aux_k_loss", "explained_variance", "l0")
+"""In a checkpoint's state.window_sums in this order, after the token count."""
 
 
 class Window:
-    """Token-weighted sums of the step metrics between two log lines."""
+    """Token-weighted sums of the step metrics between two log lines, kept on the device until a log step."""
 
     def __init__(self, d_sae: int, device: str) -> None:
         self.n_tokens = 0
-        self.sums = {"mse": 0.0, "sparsity_loss": 0.0, "aux_k_loss": 0.0, "explained_variance": 0.0, "l0": 0.0}
+        self.sums = torch.zeros(len(_WINDOW_SUMS), dtype=torch.float64, device=device)
+        """The `_WINDOW_SUMS`, each times the rows."""
         self.fired_S = torch.zeros(d_sae, dtype=torch.long, device=device)
 
     def add(self, totals: StepTotals) -> torch.Tensor:
         """Accumulate one step; return its (d_sae,) firing counts."""
-        n = int(totals.scalars["n"])
+        n = totals.n
         self.n_tokens += n
-        for key in ("mse", "sparsity_loss", "aux_k_loss", "l0"):
-            self.sums[key] += totals.scalars[key]
-        self.sums["explained_variance"] += metrics.explained_variance_from_sums(totals.ev_sums, n) * n
+        self.sums[:3] += totals.sums[:3]
+        self.sums[3] += metrics.explained_variance_tensor_from_sums(totals.ev_sums, n) * n
+        self.sums[4] += totals.sums[3]
         self.fired_S += totals.fired_S
         return totals.fired_S
 
     def summary(self, tokens_since_fired_S: torch.Tensor, dead_window: int) -> dict[str, float | int]:
-        result: dict[str, float | int] = {k: v / self.n_tokens for k, v in self.sums.items()}
+        result: dict[str, float | int] = {k: v / self.n_tokens for k, v in zip(_WINDOW_SUMS, self.sums.tolist())}
         d_sae = len(self.fired_S)
         n_dead = int((tokens_since_fired_S >= dead_window).sum())
         result["dead_fraction"] = n_dead / d_sae
@@ -78,7 +89,7 @@ class TrainingState:
 
     def record(self, totals: StepTotals) -> None:
         """Count one finished step of the global batch: its tokens, its firings and its window sums."""
-        n_global = int(totals.scalars["n"])
+        n_global = totals.n
         fired_S = self.window.add(totals) > 0
         self.tokens_since_fired_S += n_global
         self.tokens_since_fired_S[fired_S] = 0
@@ -97,7 +108,7 @@ class TrainingState:
         return {
             "state.tokens_since_fired": self.tokens_since_fired_S,
             "state.window_fired": w.fired_S,
-            "state.window_sums": torch.tensor([w.n_tokens, *w.sums.values()], dtype=torch.float64),
+            "state.window_sums": torch.cat([w.sums.new_tensor([w.n_tokens]), w.sums]).cpu(),
             "rng.torch": torch.get_rng_state(),
             **({"rng.cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}),
         }
@@ -107,9 +118,9 @@ class TrainingState:
         self.step, self.tokens_seen = int(checkpoint.meta["step"]), int(checkpoint.meta["tokens_seen"])
         self.tokens_since_fired_S = t["state.tokens_since_fired"].to(device)
         self.window.fired_S = t["state.window_fired"].to(device)
-        n_tokens, *sums = t["state.window_sums"].tolist()
-        self.window.n_tokens = int(n_tokens)
-        self.window.sums = dict(zip(self.window.sums, sums))
+        sums = t["state.window_sums"].to(device)
+        self.window.n_tokens = int(sums[0])
+        self.window.sums = sums[1:].clone()
         torch.set_rng_state(t["rng.torch"])
         if "rng.cuda" in t and torch.cuda.is_available():
             torch.cuda.set_rng_state(t["rng.cuda"])

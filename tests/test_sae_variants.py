@@ -138,6 +138,19 @@ def test_jumprelu_sparse_step_keeps_the_latents_just_below_the_threshold() -> No
     assert 0 < n_firing < len(out.sparse.values_N)
 
 
+def test_relu_dense_step_takes_its_l1_from_the_decoder_product() -> None:
+    sae, out, grads = _step_fp64("relu", 0.0)
+    expected = (out.latents_BS * sae.decoder_norms()).sum(dim=-1).mean()
+    torch.testing.assert_close(out.sparsity, expected)
+    sae.zero_grad()
+    x = torch.randn(64, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    latents = sae.encode_normalized(x)
+    # the written-out loss (relu has no AuxK; the normalisation factors are 1)
+    ((sae.decode_normalized(latents) - x).pow(2).sum(-1).mean() + 0.7 * (latents * sae.decoder_norms()).sum(-1).mean()).backward()
+    for name, param in sae.named_parameters():
+        torch.testing.assert_close(param.grad, grads[name], msg=name)
+
+
 def test_the_sparse_step_switches_on_the_batch_density() -> None:
     sae = _sae("relu", sparse_max_density=0.1)
     x = torch.randn(64, 16)

@@ -43,6 +43,10 @@ class ActivationFunction(nn.Module):
         selected latents, with no sparsity penalty. None (the default): train on the dense latents."""
         return None
 
+    l1_of_latents = False
+    """Whether `sparsity_loss` is the decoder-norm-weighted L1 of the latents, mean_b sum_s f_bs ||W_D[s]||
+    (relu's): a dense step then takes it from the decoder's own product, as one more column of W_D, sparing
+    the passes over the (batch, d_sae) latents that it costs on its own (two forward, three backward)."""
     selects_sparse = False
     """Whether it has the generic sparse step (`sparse_select` and the two methods after it; sae/sparse_step.py)."""
 

@@ -34,6 +34,7 @@ __all__ = ["ACTIVATION_FUNCTIONS", "ActivationFunction", "build_activation_funct
 
 class ReLU(ActivationFunction):
     selects_sparse = True
+    l1_of_latents = True
 
     def forward(self, pre_BS: torch.Tensor) -> torch.Tensor:
         return torch.relu(pre_BS)
@@ -42,7 +43,7 @@ class ReLU(ActivationFunction):
         return (latents_BS * decoder_norms_S).sum(dim=-1).mean()
 
     def sparse_select(self, pre_BS: torch.Tensor, max_density: float) -> torch.Tensor | None:
-        return flat_entries(pre_BS > 0, max_density)
+        return flat_entries(pre_BS, lambda pre: pre > 0, max_density)
 
     def sparse_latents(self, pre_N: torch.Tensor, cols_N: torch.Tensor) -> torch.Tensor:
         return torch.relu(pre_N)

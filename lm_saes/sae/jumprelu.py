@@ -92,7 +92,7 @@ class JumpReLU(ActivationFunction):
         # kernel's pre - theta, so no entry the kernel counts is missed (an extra one adds zero to everything).
         with torch.no_grad():
             bound_S = self.threshold_S - self.bandwidth * 0.501
-            return flat_entries(pre_BS > bound_S, max_density)
+            return flat_entries(pre_BS, lambda pre: pre > bound_S, max_density)
 
     def sparse_latents(self, pre_N: torch.Tensor, cols_N: torch.Tensor) -> torch.Tensor:
         return _JumpReLUFunction.apply(pre_N, self.threshold_S[cols_N], self.bandwidth)

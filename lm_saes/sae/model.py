@@ -165,8 +165,11 @@ class SparseAutoEncoder(nn.Module):
         else:
             pre_BS = af.pre_activations(x_BD, self.W_E, self.b_E) if pre_BS is None else pre_BS
             latents_BS = af(pre_BS)
-            reconstruction_BD = self.decode_normalized(latents_BS)
-            sparsity = af.sparsity_loss(pre_BS, latents_BS, self.decoder_norms())
+            if af.l1_of_latents:
+                reconstruction_BD, sparsity = self._decode_with_l1(latents_BS)
+            else:
+                reconstruction_BD = self.decode_normalized(latents_BS)
+                sparsity = af.sparsity_loss(pre_BS, latents_BS, self.decoder_norms())
             extra = af.auxiliary_loss(x_BD, pre_BS, self.W_D, self.b_D, target_BD)
         mse = (reconstruction_BD - target_BD).pow(2).sum(dim=-1).mean()
         own = None if sparse is not None else af.reconstruction_loss(pre_BS, latents_BS, self.W_D, self.b_D, target_BD)
@@ -175,6 +178,11 @@ class SparseAutoEncoder(nn.Module):
         loss = (mse if own is None else own) + sparsity_coefficient * sparsity + extra
         loss = loss + self.cfg.aux_k_coefficient * variance * aux
         return SAELoss(loss, mse, sparsity, aux, target_BD, reconstruction_BD, latents_BS, sparse)
+
+    def _decode_with_l1(self, latents_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(reconstruction, mean_b sum_s f_bs ||W_D[s]||) from one product with [W_D | norms]."""
+        out_BE = latents_BS @ torch.cat([self.W_D, self.decoder_norms().unsqueeze(1)], dim=1)
+        return out_BE[:, :-1] + self.b_D, out_BE[:, -1].mean()
 
     def _training_encode(
         self, x_BD: torch.Tensor
