@@ -30,9 +30,11 @@ def explained_variance(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> torch.Tens
 def explained_variance_sums(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> torch.Tensor:
     """(d_model + 2,) float64 sums over rows: [SSE, sum ||x||^2, sum x (d_model)]. Sums add up across batches
     or data-parallel ranks; `explained_variance_from_sums` turns them into explained_variance's value."""
-    x = x_BD.double()
-    sse = (x - x_hat_BD.double()).pow(2).sum()
-    return torch.cat([torch.stack([sse, x.pow(2).sum()]), x.sum(dim=0)])
+    # Accumulated in float64 without float64 copies of the inputs (those cost a training step 5%).
+    f64 = torch.float64
+    x, x_hat = _at_least_float32(x_BD), _at_least_float32(x_hat_BD)
+    sse = (x - x_hat).pow(2).sum(dtype=f64)
+    return torch.cat([torch.stack([sse, x.pow(2).sum(dtype=f64)]), x.sum(dim=0, dtype=f64)])
 
 
 def explained_variance_from_sums(sums: torch.Tensor, n_rows: int) -> float:
@@ -54,7 +56,17 @@ def l0(latents_BS: torch.Tensor) -> torch.Tensor:
 
 def firing_counts(latents_BS: torch.Tensor) -> torch.Tensor:
     """(d_sae,) number of rows on which each latent is non-zero."""
-    return (latents_BS != 0).sum(dim=0, dtype=torch.int32)  # int32: ~3x faster than the default int64 sum
+    # Summed as bytes into int16 (vectorised ~3x better than the default int64 sum), in blocks that cannot
+    # overflow it.
+    fired_BS = (latents_BS != 0).view(torch.uint8)
+    counts_S = torch.zeros(latents_BS.shape[-1], dtype=torch.int32, device=latents_BS.device)
+    for start in range(0, fired_BS.shape[0], _INT16_ROWS):
+        counts_S += fired_BS[start : start + _INT16_ROWS].sum(dim=0, dtype=torch.int16)
+    return counts_S
+
+
+_INT16_ROWS = 32767
+"""The most rows whose firing count int16 holds."""
 
 
 # --- reconstruction, beyond EV and MSE -------------------------------------------------------------------

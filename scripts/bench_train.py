@@ -2,6 +2,11 @@
 
     .venv/bin/python scripts/bench_train.py [--device cpu|cuda] [--gen-tokens 16384] [--steps 5]
     .venv/bin/python scripts/bench_train.py --only cache [--cache-tokens 50000]
+    .venv/bin/python scripts/bench_train.py --only steps [--batch 4096] [--widths 8 32] [--act-fns relu topk]
+
+`--only steps` prints the trainer's SAE step for every act_fn, dense and sparse path, fp32 and bf16 autocast, at
+each width, with each row's ratio to its variant's dense fp32 step and a bare PyTorch loop of the ReLU math
+(on cuda also MFU against the GPU's bf16 peak).
 
 Prints one table; `--only cache` prints only training tokens/s from an activation cache against on the fly
 (`lm-saes train` defaults, relu 8x at blocks.6, the same tokens in the same order). Quote the ratios (fraction of peak, generation vs SAE step) together with the machine line;
@@ -15,6 +20,7 @@ import os
 import platform
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,11 +37,13 @@ from lm_saes import (
     LanguageModelConfig,
     SAEConfig,
     SparseAutoEncoder,
+    TrainerConfig,
     TransformerLensLanguageModel,
     generate_activations,
     load_dataset,
     train_sae,
 )
+from lm_saes.sae.activation_functions import ACTIVATION_FUNCTIONS
 
 
 def sync(device: str) -> None:
@@ -85,6 +93,145 @@ def sae_step(device: str, d_model: int, expansion: int, batch: int, repeat: int,
     else:
         flops = 3 * 2 * encoder_forward  # encoder and decoder, forward plus a backward of twice the forward
     return batch / seconds, flops / seconds
+
+
+# --- the trainer's SAE step, every variant and path -------------------------------------------------------
+
+SPARSE_PATHS = {"relu": "sparse_max_density", "jumprelu": "sparse_max_density", "batchtopk": "sparse_max_density",
+                "topk": "sparse_topk"}
+"""The act_fns with a sparse step, and the config key that switches it (the others step densely)."""
+
+GPU_BF16_PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "L4": 121, "A10": 125, "4090": 165}
+"""Dense bf16 tensor-core peaks (no sparsity), by a name fragment of torch.cuda.get_device_name()."""
+
+
+def trained_like(sae: SparseAutoEncoder, x_BD: torch.Tensor, l0: int) -> None:
+    """Shift b_E so that about `l0` latents per token fire on `x`, as in a trained ReLU or JumpReLU SAE."""
+    with torch.no_grad():
+        pre = (x_BD[:512] @ sae.W_E).flatten().float()
+        cut = float(pre.kthvalue(int(pre.numel() * (1 - l0 / sae.cfg.d_sae))).values)
+        sae.b_E.fill_(-cut)
+        if sae.cfg.act_fn == "jumprelu":
+            sae.b_E.add_(sae.activation_function.threshold_S)
+
+
+def trainer_step(device: str, d_model: int, expansion: int, batch: int, act_fn: str, sparse: bool, amp: str,
+                 run_dir: str, l0: int = 48) -> tuple[Callable[[], None], Callable[[], float]]:
+    """(one step, the selected latents per token) of the trainer's own step (lm_saes.trainer: loss, backward,
+    Adam, the per-step metrics). The SAE is trained-like (about `l0` latents fire per token; k=32 for the TopK
+    family), and the dense rows run the same state through the dense path; a tiny lr keeps the state put."""
+    from lm_saes.trainer import TrainingPlan, _Run
+
+    key = SPARSE_PATHS.get(act_fn)
+    on, off = (1.0, 1e-9) if key == "sparse_max_density" else (True, False)  # 1e-9: the switch decides dense
+    cfg = SAEConfig(hook_point_in="x", d_model=d_model, expansion_factor=expansion, device=device, act_fn=act_fn,
+                    top_k=32, matryoshka_prefixes=[0.25] if act_fn == "matryoshka_batchtopk" else None,
+                    **({} if key is None else {key: on if sparse else off}))
+    torch.manual_seed(0)
+    sae = SparseAutoEncoder(cfg)
+    x = torch.randn(batch, d_model, device=device)
+    trained_like(sae, x, l0)
+    tcfg = TrainerConfig(total_training_tokens=batch * 10_000, amp_dtype=amp, exp_result_path=run_dir, lr=1e-7,
+                         l1_coefficient=1.0, log_frequency=10_000)
+    run = _Run(tcfg, TrainingPlan.of(tcfg, batch), sae, iter([]), None, None, None)
+    run.progress.close()
+    batch_dict = {"x": x, "tokens": torch.zeros(batch, dtype=torch.long)}
+
+    def selected() -> float:
+        with torch.autocast(device_type=torch.device(device).type, dtype=tcfg.amp_dtype,
+                            enabled=tcfg.amp_dtype != torch.float32):
+            out = sae.compute_loss(x, x, 1.0)
+        return len(out.sparse.values_N) / batch if out.sparse is not None else float(out.l0())
+
+    return lambda: run.record(run.step(batch_dict, batch, preempted=False)), selected
+
+
+def bare_loop(device: str, d_model: int, expansion: int, batch: int) -> Callable[[], None]:
+    """A plain PyTorch ReLU SAE step: the same math as lm_saes's (decoder-norm-weighted L1, Adam), written the
+    obvious way, with no metrics."""
+    torch.manual_seed(0)
+    d_sae = d_model * expansion
+    W_E = torch.nn.Parameter(torch.randn(d_model, d_sae, device=device) / d_model**0.5)
+    W_D = torch.nn.Parameter(W_E.detach().T.clone())
+    b_E = torch.nn.Parameter(torch.zeros(d_sae, device=device))
+    b_D = torch.nn.Parameter(torch.zeros(d_model, device=device))
+    optimizer = torch.optim.Adam([W_E, b_E, W_D, b_D], lr=1e-7)
+    x = torch.randn(batch, d_model, device=device)
+
+    def step() -> None:
+        f = torch.relu(x @ W_E + b_E)
+        loss = (f @ W_D + b_D - x).pow(2).sum(-1).mean() + (f * W_D.norm(dim=1)).sum(-1).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def round_robin(fns: list[Callable[[], None]], device: str, repeat: int) -> list[float]:
+    """Median seconds of each fn over `repeat` rounds, after one warm-up each; the rounds interleave the fns, so
+    a load that drifts (a shared machine) moves every row alike and the ratios hold."""
+    times: list[list[float]] = [[] for _ in fns]
+    for round_ in range(repeat + 1):
+        for fn, fn_times in zip(fns, times):
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            if round_:
+                fn_times.append(time.perf_counter() - start)
+    return [sorted(t)[len(t) // 2] for t in times]
+
+
+def step_flops(batch: int, d_model: int, d_sae: int, selected: float, sparse: bool) -> float:
+    """Executed FLOPs of one step: the dense step's five products (encoder and decoder forward, the decoder's two
+    gradients, the encoder's weight gradient); a sparse step's dense encoder forward plus four products over the
+    selected latents."""
+    if sparse:
+        return 2 * batch * d_model * d_sae + 4 * 2 * batch * selected * d_model
+    return 5 * 2 * batch * d_model * d_sae
+
+
+def width_rows(device: str, d_model: int, expansion: int, batch: int, steps: int, act_fns: list[str],
+               amps: list[str], run_dir: str) -> list[tuple[int, str, bool, str, float, float]]:
+    """(width, act_fn, sparse, amp, tokens/s, latents/token) of every case at one width, and the bare loop's."""
+    cases = [(act_fn, sparse, amp) for act_fn in act_fns
+             for sparse in ((False, True) if act_fn in SPARSE_PATHS else (False,)) for amp in amps]
+    steps_and_counts = [trainer_step(device, d_model, expansion, batch, *case, run_dir) for case in cases]
+    fns = [step for step, _ in steps_and_counts] + [bare_loop(device, d_model, expansion, batch)]
+    seconds = round_robin(fns, device, steps)
+    rows = [(expansion, act_fn, sparse, amp, batch / sec, selected())
+            for (act_fn, sparse, amp), (_, selected), sec in zip(cases, steps_and_counts, seconds)]
+    return rows + [(expansion, "bare PyTorch loop (relu)", False, "float32", batch / seconds[-1], float("nan"))]
+
+
+def print_step_table(device: str, d_model: int, widths: list[int], batch: int, steps: int, act_fns: list[str],
+                     amps: list[str], peak_tflops: float | None) -> None:
+    rows: list[tuple[int, str, bool, str, float, float]] = []
+    with tempfile.TemporaryDirectory() as run_dir:  # the trainer writes nothing there without checkpoints
+        for expansion in widths:  # one width at a time: all of its SAEs are in memory together
+            rows += width_rows(device, d_model, expansion, batch, steps, act_fns, amps, run_dir)
+    dense_fp32 = {(e, a): tps for e, a, sparse, amp, tps, _ in rows if not sparse and amp == "float32"}
+    peak = f"MFU (of {peak_tflops:.0f} TFLOP/s bf16)" if peak_tflops else None
+    table = Table(title=f"SAE training step, d_model {d_model}, batch {batch}, median of {steps} interleaved rounds, "
+                        f"on {machine(device)}")
+    for col in ("width", "act_fn", "path", "autocast", "tokens/s", "x dense fp32", "latents/token", *([peak] if peak else [])):
+        table.add_column(col, justify="left" if col in ("act_fn", "path") else "right")
+    for expansion, act_fn, sparse, amp, tps, selected in rows:
+        base = dense_fp32.get((expansion, "relu" if act_fn.startswith("bare") else act_fn))
+        known = selected == selected  # not NaN
+        flops = step_flops(batch, d_model, d_model * expansion, selected, sparse) if known else 0.0
+        mfu = [f"{flops * tps / batch / (peak_tflops * 1e12):.2f}" if flops else ""] if peak_tflops else []
+        table.add_row(f"{expansion}x", act_fn, "sparse" if sparse else "dense", "bf16" if amp == "bfloat16" else "fp32",
+                      f"{tps:,.0f}", f"{tps / base:.2f}" if base else "", f"{selected:.0f}" if known else "", *mfu)
+    Console(width=170).print(table)
+
+
+def gpu_peak_tflops(device: str) -> float | None:
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in GPU_BF16_PEAK_TFLOPS.items() if key in name), None)
 
 
 def activation_generation(device: str, n_tokens: int, hook: str) -> float:
@@ -169,13 +316,26 @@ def main() -> None:
     parser.add_argument("--gen-tokens", type=int, default=16384, help="tokens of activation generation to time")
     parser.add_argument("--steps", type=int, default=5, help="timed repeats of the SAE step and the matmul")
     parser.add_argument("--matmul-n", type=int, default=4096, help="size of the square matmul that sets the peak")
-    parser.add_argument("--only", choices=("all", "cache"), default="all",
-                        help="cache: only training from an activation cache vs on the fly")
+    parser.add_argument("--only", choices=("all", "cache", "steps"), default="all",
+                        help="cache: only training from an activation cache vs on the fly; steps: only the SAE step table")
     parser.add_argument("--cache-tokens", type=int, default=50_000, help="training tokens for the cache comparison")
+    parser.add_argument("--d-model", type=int, default=576, help="steps: the SAE's input width")
+    parser.add_argument("--batch", type=int, default=4096, help="steps: rows per step")
+    parser.add_argument("--widths", type=int, nargs="+", default=[8, 32], help="steps: expansion factors")
+    parser.add_argument("--act-fns", nargs="+", default=sorted(ACTIVATION_FUNCTIONS), help="steps: variants")
+    parser.add_argument("--amp", nargs="+", default=["float32", "bfloat16"], help="steps: trainer.amp_dtype values")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="steps on cuda: the GPU's dense bf16 peak for MFU (default: looked up by device name)")
     args = parser.parse_args()
     device = args.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        parser.exit(2, "bench_train.py: --device cuda but torch sees no CUDA device\n")
     if args.only == "cache":
         print_cache_table(device, args.cache_tokens)
+        return
+    if args.only == "steps":
+        print_step_table(device, args.d_model, args.widths, args.batch, args.steps, args.act_fns, args.amp,
+                         args.peak_tflops or gpu_peak_tflops(device))
         return
 
     peak = matmul_peak(device, args.matmul_n, args.steps)

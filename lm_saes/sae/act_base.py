@@ -66,6 +66,11 @@ class ActivationFunction(nn.Module):
         """`sparsity_loss` from the selected entries alone (the others add neither value nor gradient)."""
         return pre_N.new_zeros(())
 
+    def activate_in_place(self, pre_BS: torch.Tensor) -> torch.Tensor:
+        """The latents from pre-activations the caller owns and reads no more (the dense step's); a variant
+        whose other methods never read pre may overwrite them, saving a (batch, d_sae) allocation."""
+        return self(pre_BS)
+
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         """Adam parameter groups for those of its parameters that learn at a rate of their own (its other
         parameters, and the SAE's, learn at `lr`)."""

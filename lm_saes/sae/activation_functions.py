@@ -42,6 +42,9 @@ class ReLU(ActivationFunction):
     def sparsity_loss(self, pre_BS: torch.Tensor, latents_BS: torch.Tensor, decoder_norms_S: torch.Tensor) -> torch.Tensor:
         return (latents_BS * decoder_norms_S).sum(dim=-1).mean()
 
+    def activate_in_place(self, pre_BS: torch.Tensor) -> torch.Tensor:
+        return torch.relu_(pre_BS)  # no method of relu's reads pre itself
+
     def sparse_select(self, pre_BS: torch.Tensor, max_density: float) -> torch.Tensor | None:
         return flat_entries(pre_BS, lambda pre: pre > 0, max_density)
 

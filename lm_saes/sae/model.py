@@ -163,8 +163,11 @@ class SparseAutoEncoder(nn.Module):
         if sparse is not None:
             reconstruction_BD = sparse.decode(self.W_D) + self.b_D
         else:
-            pre_BS = af.pre_activations(x_BD, self.W_E, self.b_E) if pre_BS is None else pre_BS
-            latents_BS = af(pre_BS)
+            if pre_BS is None:
+                pre_BS = af.pre_activations(x_BD, self.W_E, self.b_E)
+                latents_BS = af(pre_BS)
+            else:  # the switch's own pre-activations
+                latents_BS = af.activate_in_place(pre_BS)
             if af.l1_of_latents:
                 reconstruction_BD, sparsity = self._decode_with_l1(latents_BS)
             else:

@@ -129,10 +129,12 @@ class _SparsePre(torch.autograd.Function):
 
 
 class _DensePre(torch.autograd.Function):
-    """Pre-activations computed without autograd, given the dense backward of x W_E + b_E."""
+    """Pre-activations computed without autograd, given the dense backward of x W_E + b_E. They are returned as
+    the caller's own tensor (mark_dirty, not a view), so an activation may overwrite them in place."""
 
     @staticmethod
     def forward(ctx, x_BD, W_E_DS, b_E_S, pre_BS):  # type: ignore[override]
+        ctx.mark_dirty(pre_BS)
         ctx.save_for_backward(x_BD, W_E_DS)
         return pre_BS
 
@@ -141,8 +143,12 @@ class _DensePre(torch.autograd.Function):
         x_BD, W_E_DS = ctx.saved_tensors
         low = grad_BS.dtype  # under autocast the products run in its dtype, as autocast's own addmm would
         grad_x = grad_BS @ W_E_DS.to(low).T if ctx.needs_input_grad[0] else None
-        grad_W_E = x_BD.to(low).T @ grad_BS if ctx.needs_input_grad[1] else None
-        grad_b_E = grad_BS.sum(dim=0) if ctx.needs_input_grad[2] else None
+        grad_W_E = grad_b_E = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            # [x | 1]^T G: b_E's gradient (G's column sums) as one more row of W_E's product, not a pass over G
+            x_1 = torch.cat([x_BD.to(low), x_BD.new_ones((x_BD.shape[0], 1), dtype=low)], dim=1)
+            grad_E = x_1.T @ grad_BS
+            grad_W_E, grad_b_E = grad_E[:-1], grad_E[-1]
         return grad_x, grad_W_E, grad_b_E, None
 
 
