@@ -194,15 +194,27 @@ def step_flops(batch: int, d_model: int, d_sae: int, selected: float, sparse: bo
 
 def width_rows(device: str, d_model: int, expansion: int, batch: int, steps: int, act_fns: list[str],
                amps: list[str], run_dir: str) -> list[tuple[int, str, bool, str, float, float]]:
-    """(width, act_fn, sparse, amp, tokens/s, latents/token) of every case at one width, and the bare loop's."""
-    cases = [(act_fn, sparse, amp) for act_fn in act_fns
-             for sparse in ((False, True) if act_fn in SPARSE_PATHS else (False,)) for amp in amps]
-    steps_and_counts = [trainer_step(device, d_model, expansion, batch, *case, run_dir) for case in cases]
-    fns = [step for step, _ in steps_and_counts] + [bare_loop(device, d_model, expansion, batch)]
-    seconds = round_robin(fns, device, steps)
-    rows = [(expansion, act_fn, sparse, amp, batch / sec, selected())
-            for (act_fn, sparse, amp), (_, selected), sec in zip(cases, steps_and_counts, seconds)]
-    return rows + [(expansion, "bare PyTorch loop (relu)", False, "float32", batch / seconds[-1], float("nan"))]
+    """(width, act_fn, sparse, amp, tokens/s, latents/token) of every case at one width, and the bare loop's.
+
+    On a CPU the cases of one act_fn (and the bare loop, with relu's) are timed interleaved, so their ratios
+    hold while the load drifts; on a GPU, which nothing else shares, one case at a time, so that only one
+    SAE (and its Adam state) is in memory."""
+    rows = []
+    for act_fn in act_fns:
+        cases = [(act_fn, sparse, amp) for sparse in ((False, True) if act_fn in SPARSE_PATHS else (False,))
+                 for amp in amps]
+        groups = [cases] if device == "cpu" else [[case] for case in cases]
+        for group in groups:
+            built = [trainer_step(device, d_model, expansion, batch, *case, run_dir) for case in group]
+            bare = [bare_loop(device, d_model, expansion, batch)] if act_fn == "relu" and group is groups[-1] else []
+            seconds = round_robin([step for step, _ in built] + bare, device, steps)
+            rows += [(expansion, *case, batch / sec, selected()) for case, (_, selected), sec in zip(group, built, seconds)]
+            if bare:
+                rows.append((expansion, "bare PyTorch loop (relu)", False, "float32", batch / seconds[-1], float("nan")))
+            del built, bare
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+    return rows
 
 
 def print_step_table(device: str, d_model: int, widths: list[int], batch: int, steps: int, act_fns: list[str],

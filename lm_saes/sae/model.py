@@ -177,9 +177,12 @@ class SparseAutoEncoder(nn.Module):
         mse = (reconstruction_BD - target_BD).pow(2).sum(dim=-1).mean()
         own = None if sparse is not None else af.reconstruction_loss(pre_BS, latents_BS, self.W_D, self.b_D, target_BD)
         aux = self._aux_k_loss(x_BD, (target_BD - reconstruction_BD).detach(), dead_S)
-        variance = target_BD.detach().float().var(dim=0, unbiased=False).sum()
         loss = (mse if own is None else own) + sparsity_coefficient * sparsity + extra
-        loss = loss + self.cfg.aux_k_coefficient * variance * aux
+        if aux is None:  # no AuxK this step (the common case): no pass for the variance either
+            aux = x_BD.new_zeros(())
+        else:
+            variance = target_BD.detach().float().var(dim=0, unbiased=False).sum()
+            loss = loss + self.cfg.aux_k_coefficient * variance * aux
         return SAELoss(loss, mse, sparsity, aux, target_BD, reconstruction_BD, latents_BS, sparse)
 
     def _decode_with_l1(self, latents_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,14 +212,15 @@ class SparseAutoEncoder(nn.Module):
         sparsity = af.sparse_sparsity_loss(pre_N, values_N, cols_N, self.decoder_norms(), x_BD.shape[0])
         return SparseLatents(values_N, rows_N, cols_N, offsets_B), sparsity, None
 
-    def _aux_k_loss(self, x_BD: torch.Tensor, residual_BD: torch.Tensor, dead_S: torch.Tensor | None) -> torch.Tensor:
+    def _aux_k_loss(self, x_BD: torch.Tensor, residual_BD: torch.Tensor,
+                    dead_S: torch.Tensor | None) -> torch.Tensor | None:
         """AuxK (Gao et al., 2024): the top aux_k dead latents reconstruct the residual the live ones left.
 
         Normalised by the residual's variance, so 1 means "explains nothing". Only the dead latents' columns
-        of W_E are multiplied, so it costs little while few latents are dead.
+        of W_E are multiplied, so it costs little while few latents are dead. None: no AuxK on this step.
         """
         if not self.activation_function.uses_aux_k or dead_S is None or self.cfg.aux_k == 0 or not dead_S.any():
-            return x_BD.new_zeros(())
+            return None
         dead_idx_N = torch.nonzero(dead_S).squeeze(1)
         pre_BN = x_BD @ self.W_E[:, dead_idx_N] + self.b_E[dead_idx_N]
         values_BK, local_BK = pre_BN.topk(min(self.cfg.aux_k, len(dead_idx_N)), dim=-1, sorted=False)
