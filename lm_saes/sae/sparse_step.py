@@ -44,7 +44,12 @@ class SparseLatents(NamedTuple):
 
 def _transposed(values_N: torch.Tensor, rows_N: torch.Tensor, cols_N: torch.Tensor, batch: int, d_sae: int) -> torch.Tensor:
     """The (d_sae, batch) transpose of the selected entries as a COO matrix, left uncoalesced: sparse.mm
-    scatters it row by row without sorting (sorting costs more than the product on a CPU)."""
+    scatters it row by row without sorting (sorting costs more than the product on a CPU). Entries that are
+    zero (JumpReLU's window below the threshold: selected for their gradient, often most of the list) are
+    dropped first."""
+    nonzero_N = values_N != 0
+    if not bool(nonzero_N.all()):
+        values_N, rows_N, cols_N = values_N[nonzero_N], rows_N[nonzero_N], cols_N[nonzero_N]
     return torch.sparse_coo_tensor(torch.stack([cols_N, rows_N]), values_N, (d_sae, batch), check_invariants=False)
 
 
