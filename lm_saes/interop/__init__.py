@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lm_saes.interop.hub import download_hub_folder, is_hub_reference, resolve_sae_path
