@@ -117,17 +117,24 @@ def test_sparse_step_matches_the_dense_reference(act_fn: str, kw: dict, branch: 
         torch.testing.assert_close(dict(sae.named_buffers())[name], buffer, msg=name)
 
 
-def test_batchtopk_sparse_step_selects_the_batch_top_k_once_it_has_a_threshold() -> None:
-    # From the second step on, the sparse step searches only the entries above 3/4 of the learned threshold.
+@pytest.mark.parametrize("one_loud_row", [False, True])
+def test_batchtopk_sparse_step_selects_the_batch_top_k(one_loud_row: bool) -> None:
+    # The sparse step searches each row's 4k largest; a row that keeps more than it offered (one row 50x
+    # louder than the rest keeps nearly all of its latents) sends it to the whole batch instead.
     saes = {density: _sae("batchtopk", seed=1, dtype=torch.float64, sparse_max_density=density) for density in (0.0, 1.0)}
     g = torch.Generator().manual_seed(3)
     for _ in range(3):
         x = torch.randn(64, 16, dtype=torch.float64, generator=g)
+        if one_loud_row:
+            x[0] *= 50
         outs = {density: sae.compute_loss(x, x, 0.0) for density, sae in saes.items()}
         torch.testing.assert_close(outs[1.0].reconstruction_BD, outs[0.0].reconstruction_BD)
         assert torch.equal(outs[1.0].firing_counts(128), outs[0.0].firing_counts(128))
         assert saes[1.0].activation_function.threshold.item() == saes[0.0].activation_function.threshold.item()
+        assert (outs[1.0].firing_counts(128) > 0).sum() > 0
     assert saes[1.0].activation_function.threshold.item() > 0
+    kept_by_row_0 = int((outs[0.0].latents_BS[0] > 0).sum())
+    assert (kept_by_row_0 > 16) == one_loud_row  # 16 = the 4k the row offers
 
 
 def test_jumprelu_sparse_step_keeps_the_latents_just_below_the_threshold() -> None:

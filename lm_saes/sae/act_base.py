@@ -51,7 +51,7 @@ class ActivationFunction(nn.Module):
     """Whether it has the generic sparse step (`sparse_select` and the two methods after it; sae/sparse_step.py)."""
 
     def sparse_select(self, pre_BS: torch.Tensor, max_density: float) -> torch.Tensor | None:
-        """Sorted flat indices (into pre_BS.flatten()) of the latents a sparse step needs: those that fire, and
+        """Flat indices (into pre_BS.flatten()), rows ascending, of the latents a sparse step needs: those that fire, and
         any that have a gradient without firing. None: step densely on this batch (more than `max_density` of
         its latents would be needed). Called once per training step, before `sparse_latents`."""
         return None

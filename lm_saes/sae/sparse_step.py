@@ -79,7 +79,7 @@ class _SparseDecode(torch.autograd.Function):
 
 
 def csr_from_flat(flat_N: torch.Tensor, batch: int, d_sae: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(rows, cols, offsets) of sorted flat indices into a (batch, d_sae) matrix."""
+    """(rows, cols, offsets) of flat indices into a (batch, d_sae) matrix, rows ascending (within a row, any order)."""
     rows_N, cols_N = flat_N // d_sae, flat_N % d_sae
     counts_B = torch.zeros(batch, dtype=torch.long, device=flat_N.device).index_add_(0, rows_N, torch.ones_like(rows_N))
     return rows_N, cols_N, counts_B.cumsum(0) - counts_B

@@ -105,22 +105,25 @@ class BatchTopK(TopK):
         return torch.zeros_like(pre_BS).flatten().scatter(0, indices, values).view_as(pre_BS)
 
     def _sparse_batch_topk(self, pre_BS: torch.Tensor, k: int) -> torch.Tensor:
-        """Sorted flat indices of the k*batch largest relu(pre), as `_batch_topk` selects them (threshold too).
+        """Flat indices, grouped by row, of the k*batch largest relu(pre), as `_batch_topk` selects them (the
+        threshold learns from the same values).
 
-        Every kept value exceeds any t below which at least k*batch values lie above, so with t a little under
-        the learned threshold the top k*batch are found among the few entries above t; when fewer than k*batch
-        lie above it (early on, or a batch unlike the last ones) the whole batch is searched. Indices come
-        sorted by a mask rather than a sort (sorting ~1e5 indices costs more than the step's selection).
+        Candidates are each row's 4k largest; the batch's top k*batch among them are the batch's own unless some
+        row kept a value no larger than its 4k-th (it may hold more above the cut than it offered): then, or
+        when fewer than k*batch values are positive, the whole batch is searched. This costs about TopK's
+        per-row selection, not a comparison and a `nonzero` over every (batch, d_sae) entry.
         """
-        n_keep = min(k * pre_BS.shape[0], pre_BS.numel())
-        guess = 0.75 * float(self.threshold) if bool(self.threshold_initialized) else 0.0
-        if guess > 0 and int(torch.count_nonzero(candidates_BS := pre_BS > guess)) >= n_keep:
-            flat_C = candidates_BS.flatten().nonzero().squeeze(1)
-            values, chosen = pre_BS.flatten()[flat_C].topk(n_keep, sorted=False)
+        batch, d_sae = pre_BS.shape
+        n_keep = min(k * batch, pre_BS.numel())
+        cand_BM, cols_BM = pre_BS.topk(min(4 * k, d_sae), dim=-1, sorted=False)
+        values, picked = torch.relu(cand_BM).flatten().topk(n_keep, sorted=False)
+        cut = values.min()
+        if cand_BM.shape[1] == d_sae or (cut > 0 and bool((torch.relu(cand_BM.min(dim=-1).values) < cut).all())):
             if torch.is_grad_enabled():
                 self._update_threshold(values.float())
-            keep_C = torch.zeros_like(flat_C, dtype=torch.bool).index_fill_(0, chosen, True)
-            return flat_C[keep_C]
+            keep_BM = torch.zeros(cand_BM.numel(), dtype=torch.bool, device=pre_BS.device).index_fill_(0, picked, True)
+            rows_N, slots_N = keep_BM.view_as(cand_BM).nonzero().unbind(1)
+            return rows_N * d_sae + cols_BM[rows_N, slots_N]
         _, indices = self._batch_topk(pre_BS, k, learn_threshold=True)
         keep = torch.zeros(pre_BS.numel(), dtype=torch.bool, device=pre_BS.device).index_fill_(0, indices, True)
         return keep.nonzero().squeeze(1)
