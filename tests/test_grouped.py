@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,8 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from lm_saes import TrainSAESettings, train_sae, train_saes_together
+from lm_saes.checkpoint import latest_checkpoint_path
 from lm_saes.errors import RunDirectoryError, UserInputError
 from lm_saes.trainer import TrainingDiverged
+from tests.test_resume import DRIVER
 from tests.test_train_api import _settings
 
 MLP_IN, MLP_OUT = "blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out"
@@ -87,3 +92,58 @@ def test_settings_of_different_streams_name_the_differing_key(tiny_model_dir, co
     with pytest.raises(UserInputError, match=r"^trainer.exp_result_path=.*job 1 has the run directory of job 0"):
         train_saes_together([a, _job(tiny_model_dir, corpus_file, tmp_path / "a", "topk")])
     assert not (tmp_path / "a").exists()  # refused before anything is written
+
+
+# --- faults stay local --------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_diverging_job_and_one_failing_its_checks_fail_alone(tiny_model_dir, corpus_file, tmp_path) -> None:
+    good = _job(tiny_model_dir, corpus_file, tmp_path / "good", "topk")
+    diverging = _job(tiny_model_dir, corpus_file, tmp_path / "diverging", lr=1e30)
+    missing_hook = _job(tiny_model_dir, corpus_file, tmp_path / "missing_hook")
+    missing_hook.sae.hook_point_in = missing_hook.sae.hook_point_out = "blocks.7.hook_resid_post"
+    missing_hook.activation_factory.hook_points = ["blocks.7.hook_resid_post"]
+    finished = _job(tiny_model_dir, corpus_file, tmp_path / "finished")
+    (tmp_path / "finished").mkdir()
+    (tmp_path / "finished" / "status.json").write_text('{"status": "ok"}')
+
+    outcomes = train_saes_together([good, diverging, missing_hook, finished])
+
+    assert not isinstance(outcomes[0], BaseException) and _status(tmp_path / "good")["status"] == "ok"
+    assert isinstance(outcomes[1], TrainingDiverged)
+    assert _status(tmp_path / "diverging")["status"] == "failed"
+    assert "training diverged" in _status(tmp_path / "diverging")["error"]
+    assert isinstance(outcomes[2], UserInputError) and "blocks.7.hook_resid_post" in str(outcomes[2])
+    assert _status(tmp_path / "missing_hook")["status"] == "failed"
+    assert isinstance(outcomes[3], RunDirectoryError)
+    assert _status(tmp_path / "finished") == {"status": "ok"}  # a finished run is left as it is
+    train_sae(_job(tiny_model_dir, corpus_file, tmp_path / "alone", "topk"))
+    _assert_same_weights(tmp_path / "good", tmp_path / "alone")
+
+
+# --- preemption ---------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_every_job_and_the_rerun_resumes_each_exactly(tiny_model_dir, corpus_file, tmp_path) -> None:
+    kinds = ["relu", "topk"]
+
+    def group(root: Path) -> list[TrainSAESettings]:
+        return [_job(tiny_model_dir, corpus_file, root / k, k, total_training_tokens=256 * 40) for k in kinds]
+
+    train_saes_together(group(tmp_path / "whole"))
+    settings_file = tmp_path / "group.json"
+    settings_file.write_text(json.dumps([s.model_dump(mode="json") for s in group(tmp_path / "preempted")]))
+    # The initializer takes 2 batches: batch 20 is training step 18, during which SIGTERM lands.
+    result = subprocess.run([sys.executable, str(DRIVER), str(settings_file), "20", "SIGTERM"], capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 3, result.stderr
+    assert "received SIGTERM at step 18: 2 job(s) saved a checkpoint" in result.stderr
+    for kind in kinds:
+        run = tmp_path / "preempted" / kind
+        assert _status(run)["status"] == "preempted"
+        assert latest_checkpoint_path(run).name == "step_00000018"
+        assert not (run / "sae_weights.safetensors").exists()
+    train_saes_together(group(tmp_path / "preempted"))
+    for kind in kinds:
+        _assert_same_weights(tmp_path / "whole" / kind, tmp_path / "preempted" / kind)
+        assert _status(tmp_path / "preempted" / kind)["status"] == "ok"

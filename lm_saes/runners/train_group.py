@@ -23,6 +23,7 @@ from lm_saes.distributed import launch_from_env
 from lm_saes.errors import UserInputError
 from lm_saes.group_trainer import Member, fit_together
 from lm_saes.language_model import TransformerLensLanguageModel
+from lm_saes.run_dir import is_finished
 from lm_saes.runners.held_out import training_evaluation
 from lm_saes.runners.train import (
     TrainSAESettings,
@@ -157,7 +158,7 @@ def _open(job: _Job) -> None:
         check_devices(job.settings)
         checkpoint_path = claim_run_dir(job.settings)
     except Exception as e:  # before the claim: a finished run's status.json stays as it is
-        job.fail(e, claimed=False)
+        job.fail(e, claimed=not is_finished(job.run_dir))
         return
     try:
         job.checkpoint = start_run(job.settings, checkpoint_path, 1)
