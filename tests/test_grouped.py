@@ -16,6 +16,7 @@ from lm_saes import TrainSAESettings, train_sae, train_saes_together
 from lm_saes.checkpoint import latest_checkpoint_path
 from lm_saes.errors import RunDirectoryError, UserInputError
 from lm_saes.trainer import TrainingDiverged
+from tests.conftest import run_cli, tiny_overrides
 from tests.test_resume import DRIVER
 from tests.test_train_api import _settings
 
@@ -147,3 +148,29 @@ def test_sigterm_checkpoints_every_job_and_the_rerun_resumes_each_exactly(tiny_m
     for kind in kinds:
         _assert_same_weights(tmp_path / "whole" / kind, tmp_path / "preempted" / kind)
         assert _status(tmp_path / "preempted" / kind)["status"] == "ok"
+
+
+# --- the command line: hydra/launcher=grouped ---------------------------------------------------------------
+
+@pytest.mark.slow
+def test_grouped_launcher_groups_jobs_by_stream_and_each_job_is_a_normal_run(tiny_model_dir, corpus_file, tmp_path) -> None:
+    overrides = [o for o in tiny_overrides(tiny_model_dir, corpus_file, tmp_path / "unused") if not o.startswith("hydra.")]
+    sweep = tmp_path / "sweep"
+    result = run_cli("train", "-m", "hydra/launcher=grouped", "+sae=relu_8x", *overrides, "++sae.top_k=8",
+                     "sae.act_fn=relu,topk,nonsense", "activation_factory.buffer_shuffle.perm_seed=42,7",
+                     f"hydra.sweep.dir={sweep}")
+    assert result.returncode == 0, result.stderr
+    # Jobs 0-5: the seed varies fastest. Per seed, relu and topk share a stream; the invalid jobs are alone.
+    for line in ("group 0: jobs 0, 2 share", "group 1: jobs 1, 3 share", "group 2: job 4 alone", "group 3: job 5 alone"):
+        assert line in result.stderr, result.stderr
+    statuses = {i: _status(sweep / str(i))["status"] for i in range(6)}
+    assert statuses == {0: "ok", 1: "ok", 2: "ok", 3: "ok", 4: "failed", 5: "failed"}
+    assert "sae.act_fn='nonsense'" in _status(sweep / "4")["error"]
+    assert (sweep / "0" / ".hydra" / "overrides.yaml").exists()
+    report = run_cli("report", str(sweep))
+    assert report.returncode == 0 and "4 ok, 2 not ok" in report.stdout + report.stderr, report.stdout + report.stderr
+    # A job of a group is the job alone, through the plain command line too.
+    alone = run_cli("train", "+sae=relu_8x", *overrides, "++sae.top_k=8", "sae.act_fn=topk",
+                    "activation_factory.buffer_shuffle.perm_seed=7", f"hydra.run.dir={tmp_path / 'alone'}")
+    assert alone.returncode == 0, alone.stderr
+    _assert_same_weights(sweep / "3", tmp_path / "alone")
