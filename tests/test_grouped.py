@@ -174,3 +174,23 @@ def test_grouped_launcher_groups_jobs_by_stream_and_each_job_is_a_normal_run(tin
                     "activation_factory.buffer_shuffle.perm_seed=7", f"hydra.run.dir={tmp_path / 'alone'}")
     assert alone.returncode == 0, alone.stderr
     _assert_same_weights(sweep / "3", tmp_path / "alone")
+
+
+# --- SLURM: memory per group (the sweep itself: tests/test_slurm.py) ----------------------------------------
+
+def test_sae_memory_is_four_copies_of_its_parameters(tiny_model_dir, corpus_file, tmp_path) -> None:
+    from lm_saes.cli.grouping import sae_bytes
+
+    settings = _job(tiny_model_dir, corpus_file, tmp_path)  # d_model 32, expansion 4: d_sae 128, float32
+    assert sae_bytes(settings, None) == 4 * (2 * 128 * 32 + 128 + 32) * 4
+    settings.sae.d_model = None
+    assert sae_bytes(settings, None) is None and sae_bytes(settings, 16) == 4 * (2 * 64 * 16 + 64 + 16) * 4
+
+
+def test_a_group_over_the_memory_limit_is_split() -> None:
+    from lm_saes.cli.grouping import split_by_memory
+
+    assert split_by_memory([0, 1, 2, 3], [4, 4, 4, 4], None) == [[0, 1, 2, 3]]
+    assert split_by_memory([0, 1, 2, 3], [4, 4, 4, 4], 8) == [[0, 1], [2, 3]]
+    assert split_by_memory([0, 1, 2], [3, 20, 3], 8) == [[0], [1], [2]]  # one over the limit goes alone
+    assert split_by_memory([5, 7], [None, 4], 4) == [[5, 7]]  # unknown sizes count as zero
