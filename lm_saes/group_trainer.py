@@ -65,8 +65,13 @@ def fit_together(members: list[Member], stream: Iterator[ActivationBatch]) -> No
         batches, batch_size = _peek_batch_size(stream)
     else:
         batches, batch_size = stream, int(resumed.meta["batch_size"])
-    runs = {id(m): _labelled_run(m, batch_size, stream) for m in members}
-    active, preempted = list(members), []
+    runs: dict[int, _Run] = {}
+    for m in members:
+        try:  # loading a checkpoint's optimizer state, say
+            runs[id(m)] = _labelled_run(m, batch_size, stream)
+        except Exception as e:
+            m.failed(e)
+    active, preempted = [m for m in members if id(m) in runs], []
     preemption = _PreemptionSignals()
     try:
         preemption.install()

@@ -194,3 +194,33 @@ def test_a_group_over_the_memory_limit_is_split() -> None:
     assert split_by_memory([0, 1, 2, 3], [4, 4, 4, 4], 8) == [[0, 1], [2, 3]]
     assert split_by_memory([0, 1, 2], [3, 20, 3], 8) == [[0], [1], [2]]  # one over the limit goes alone
     assert split_by_memory([5, 7], [None, 4], 4) == [[5, 7]]  # unknown sizes count as zero
+
+
+@pytest.mark.slow
+def test_each_job_of_a_group_has_its_own_wandb_run(tiny_model_dir, corpus_file, tmp_path, monkeypatch) -> None:
+    import wandb
+
+    from lm_saes import WandbConfig
+    from lm_saes.runners import train_group
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    runs, logged = [], {}
+    real_start = train_group._start_wandb
+
+    def watched_start(settings):
+        run = real_start(settings)
+        real_log, name = run.log, settings.trainer.exp_result_path
+        run.log = lambda data, step=None: (logged.setdefault(name, []).append(data), real_log(data, step=step))[1]
+        runs.append(run)
+        return run
+
+    monkeypatch.setattr(train_group, "_start_wandb", watched_start)
+    group = [_job(tiny_model_dir, corpus_file, tmp_path / k, k) for k in ("relu", "topk")]
+    for settings in group:
+        settings.wandb = WandbConfig(mode="offline", project="tests")
+    train_saes_together(group)
+    assert len({run.id for run in runs}) == 2 and wandb.run is None  # two runs, both finished
+    for kind in ("relu", "topk"):
+        assert len(list((tmp_path / kind / "wandb").glob("offline-run-*"))) == 1
+        assert any("train/explained_variance" in data for data in logged[str(tmp_path / kind)])
+    assert [dict(run.config)["sae"]["act_fn"] for run in runs] == ["relu", "topk"]

@@ -182,7 +182,7 @@ def compose_single_run(overrides: list[str], config_name: str = "train", sweep: 
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    from lm_saes.cli.launchers import register_launchers
+    from lm_saes.cli.launchers import OUR_LAUNCHERS, register_launchers
 
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
@@ -197,7 +197,11 @@ def compose_single_run(overrides: list[str], config_name: str = "train", sweep: 
             options = group_options(group) if group in GROUPS else list(LAUNCHERS)
             if o.value() not in options:
                 raise ConfigError(f"{group}={o.value()}: unknown preset; available: {', '.join(options)}")
-    register_launchers()
+    if not register_launchers():
+        asked = [o.value() for o in parsed if o.key_or_group == LAUNCHER_GROUP and o.value() in OUR_LAUNCHERS]
+        if asked:
+            raise ConfigError(f"{LAUNCHER_GROUP}={asked[0]}: this install of lm_saes lacks its Hydra launchers "
+                              "(hydra_plugins/lm_saes_launchers); reinstall it: pip install -e . (scripts/install.sh)")
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         try:

@@ -93,6 +93,10 @@ def run_group(hydra_context: Any, configs: list[DictConfig]) -> list[Any]:
         print(f"lm-saes train: {e}", file=sys.stderr)
         _hand_on_signal(e.signal_name)
         sys.exit(PREEMPTED_EXIT_CODE)
+    except Exception as e:  # shared by the whole group (its corpus is missing, say): each job recorded it
+        jobs = ", ".join(str(cfg.hydra.job.num) for cfg, _ in ready)
+        print(f"lm-saes train (jobs {jobs}): {type(e).__name__}: {e}", file=sys.stderr)
+        outcomes = [None] * len(ready)
     for (cfg, ret), outcome in zip(ready, outcomes):
         if isinstance(outcome, BaseException):
             print(f"lm-saes train (job {cfg.hydra.job.num}): {type(outcome).__name__}: {outcome}", file=sys.stderr)
@@ -105,16 +109,20 @@ def _prepared_job(cfg: DictConfig) -> Any:
     from hydra.core.hydra_config import HydraConfig
 
     from lm_saes.cli.compose import ConfigError
+    from lm_saes.cli.jobs import report_crash
     from lm_saes.cli.verbs import settings_from_config
     from lm_saes.run_dir import write_status
 
-    output_dir = HydraConfig.get().runtime.output_dir
+    output_dir, num = Path(HydraConfig.get().runtime.output_dir), HydraConfig.get().job.num
     try:
-        return settings_from_config(cfg, run_dir=output_dir)
+        return settings_from_config(cfg, run_dir=str(output_dir))
     except ConfigError as e:
-        write_status(Path(output_dir), "failed", error=str(e))
-        print(f"lm-saes train (job {HydraConfig.get().job.num}): {e}", file=sys.stderr)
-        return None
+        write_status(output_dir, "failed", error=str(e))
+        print(f"lm-saes train (job {num}): {e}", file=sys.stderr)
+    except Exception as e:  # not the user's mistake: one line, the traceback in the run directory
+        write_status(output_dir, "failed", error=f"{type(e).__name__}: {e}")
+        report_crash(f"train (job {num})", e, output_dir)
+    return None
 
 
 # --- SLURM: memory per group -------------------------------------------------------------------------------

@@ -8,12 +8,20 @@ Hydra's own way to add a plugin class by hand. Idempotent, and harmless where Hy
 
 from __future__ import annotations
 
+OUR_LAUNCHERS = ("grouped", "slurm")
+"""The hydra/launcher= presets (conf/hydra/launcher/) that need the launchers registered here."""
 
-def register_launchers() -> None:
+
+def register_launchers() -> bool:
+    """Whether our launchers are available: an install made before they existed lacks the package until
+    `pip install -e .` (scripts/install.sh) runs again; every other command works without it."""
     from hydra.core.plugins import Plugins
 
-    from hydra_plugins.lm_saes_launchers import GroupedLauncher, GroupedSlurmLauncher
-
+    try:
+        from hydra_plugins.lm_saes_launchers import GroupedLauncher, GroupedSlurmLauncher
+    except ImportError:
+        return False
     plugins = Plugins.instance()
     for launcher in (GroupedLauncher, GroupedSlurmLauncher):
         plugins.register(launcher)
+    return True
