@@ -43,6 +43,7 @@ _PUBLIC = {
     "TrainSAESettings": "lm_saes.runners.train",
     "WandbConfig": "lm_saes.runners.train",
     "train_sae": "lm_saes.runners.train",
+    "train_saes_together": "lm_saes.runners.train_group",
     "SAEConfig": "lm_saes.sae",
     "SparseAutoEncoder": "lm_saes.sae",
     "Trainer": "lm_saes.trainer",
@@ -71,6 +72,7 @@ if TYPE_CHECKING:
     from lm_saes.runners.generate import GenerateSettings, generate_activations
     from lm_saes.runners.lens import InspectSettings, inspect_text
     from lm_saes.runners.train import TrainSAESettings, WandbConfig, train_sae
+    from lm_saes.runners.train_group import train_saes_together
     from lm_saes.sae import SAEConfig, SparseAutoEncoder
     from lm_saes.trainer import Trainer, TrainerConfig
 

@@ -171,14 +171,13 @@ class Trainer:
         the same SAE and its own share of the batches; the step, the schedules and every metric are those of
         the global batch (all ranks' rows together), and only rank 0 prints, logs and writes files.
         """
-        cfg, main = self.cfg, distributed.is_main()
+        cfg = self.cfg
         stream = iter(activation_stream)
         if resume_from is None:
             batches, batch_size = _peek_batch_size(stream)
         else:
             batches, batch_size = stream, int(resume_from.meta["batch_size"])
         run = _Run(cfg, TrainingPlan.of(cfg, batch_size), sae, stream, resume_from, wandb_run, checkpoint_meta)
-        final: dict[str, float | int] = {}
         sae.train()
         preemption = _PreemptionSignals()
         try:
@@ -188,20 +187,11 @@ class Trainer:
                 if batch is None:  # all ranks stop together once one rank's share of the stream ends
                     run.warn_stream_ended()
                     break
-                totals = run.step(batch, n_global, preempted=preemption.signal_name is not None)
-                run.record(totals)
-                if run.due(cfg.log_frequency) or run.finished:
-                    final = run.log_window()
-                if run.due(run.plan.checkpoint_every) and not run.finished:
-                    run.save_checkpoint()
-                if totals.preempted and not run.finished:  # agreed by all ranks: they checkpoint together
-                    raise run.preempted(preemption.signal_name)
-                if evaluate is not None and main and run.due(cfg.eval_frequency) and not run.finished:
-                    run.log_eval(evaluate(sae))  # the last step gets the final evaluation, in finish
+                run.advance(batch, n_global, preemption, evaluate)
         finally:
             preemption.restore()
             run.progress.close()
-        return run.finish(final, evaluate)
+        return run.finish(run.last_log, evaluate)
 
 
 class _Run:
@@ -227,6 +217,8 @@ class _Run:
         self.progress = TokenProgress(plan.total_steps * plan.batch_size, f"training {sae.cfg.act_fn} SAE",
                                       enabled=self.main)
         self.progress.advance(self.state.tokens_seen)
+        self.last_log: dict[str, float | int] = {}
+        """The last log line's metrics: the final metrics, unless steps were done after it."""
 
     @property
     def finished(self) -> bool:
@@ -270,6 +262,22 @@ class _Run:
         self.sae.after_optimizer_step()
         self.scheduler.step()
         return totals
+
+    def advance(self, batch: ActivationBatch, n_global: int, preemption: _PreemptionSignals,
+                evaluate: Evaluate | None) -> None:
+        """A step and what follows it: the counters, a log line, a checkpoint, a periodic evaluation; after a
+        preemption signal, a checkpoint and Preempted (all ranks agree on it, so they checkpoint together).
+        `fit` calls this once per batch, and so does a group of runs sharing one stream (lm_saes.group_trainer)."""
+        totals = self.step(batch, n_global, preempted=preemption.signal_name is not None)
+        self.record(totals)
+        if self.due(self.cfg.log_frequency) or self.finished:
+            self.last_log = self.log_window()
+        if self.due(self.plan.checkpoint_every) and not self.finished:
+            self.save_checkpoint()
+        if totals.preempted and not self.finished:
+            raise self.preempted(preemption.signal_name)
+        if evaluate is not None and self.main and self.due(self.cfg.eval_frequency) and not self.finished:
+            self.log_eval(evaluate(self.sae))  # the last step gets the final evaluation, in finish
 
     def record(self, totals: StepTotals) -> None:
         """The bookkeeping after a step: the counters, the log window's sums, the progress bar."""

@@ -3,6 +3,7 @@
     .venv/bin/python scripts/bench_train.py [--device cpu|cuda] [--gen-tokens 16384] [--steps 5]
     .venv/bin/python scripts/bench_train.py --only cache [--cache-tokens 50000]
     .venv/bin/python scripts/bench_train.py --only steps [--batch 4096] [--widths 8 32] [--act-fns relu topk]
+    .venv/bin/python scripts/bench_train.py --only grouped [--cache-tokens 50000]
 
 `--only steps` prints the trainer's SAE step for every act_fn, dense and sparse path, fp32 and bf16 autocast, at
 each width, with each row's ratio to its variant's dense fp32 step and a bare PyTorch loop of the ReLU math
@@ -11,6 +12,9 @@ each width, with each row's ratio to its variant's dense fp32 step and a bare Py
 Prints one table; `--only cache` prints only training tokens/s from an activation cache against on the fly
 (`lm-saes train` defaults, relu 8x at blocks.6, the same tokens in the same order). Quote the ratios (fraction of peak, generation vs SAE step) together with the machine line;
 absolute numbers only compare within one run on one machine.
+`--only grouped` times a 4-job sweep (relu and topk k=32 at 8x and 16x) three ways: separate jobs on the fly,
+one group (train_saes_together: one stream), and separate jobs from an activation cache (its generation
+included); wall clock, model loads included.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from lm_saes import (
     generate_activations,
     load_dataset,
     train_sae,
+    train_saes_together,
 )
 from lm_saes.sae.activation_functions import ACTIVATION_FUNCTIONS
 
@@ -310,6 +315,66 @@ def print_cache_table(device: str, n_tokens: int) -> None:
     Console(width=140).print(table)
 
 
+def sweep_jobs(device: str, n_tokens: int, root: Path, source: str | None = None) -> list:  # noqa: ANN001
+    """The 4-job sweep's settings (`lm-saes train` defaults otherwise), run directories under `root`; with
+    `source`, training reads that activation cache."""
+    from lm_saes.cli.compose import compose_single_run
+    from lm_saes.cli.verbs import settings_from_config
+
+    jobs = []
+    for act_fn in ("relu", "topk"):
+        for expansion in (8, 16):
+            overrides = ["+sae=relu_8x", f"sae.act_fn={act_fn}", f"sae.expansion_factor={expansion}",
+                         "++sae.top_k=32", f"trainer.total_training_tokens={n_tokens}", f"device={device}"]
+            settings = settings_from_config(compose_single_run(overrides), run_dir=str(root / f"{act_fn}_{expansion}x"))
+            if source is not None:
+                settings.activation_factory.sources = [ActivationFactoryActivationsSource(path=source)]
+            jobs.append(settings)
+    return jobs
+
+
+def grouped_vs_separate(device: str, n_tokens: int) -> dict[str, float]:
+    """Wall seconds of the 4-job sweep: separate jobs on the fly, one group, separate jobs from a cache."""
+    from lm_saes.runners.held_out import tokens_read_by_training
+
+    times = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        start = time.perf_counter()
+        for settings in sweep_jobs(device, n_tokens, root / "separate"):
+            train_sae(settings)
+        times["separate"] = time.perf_counter() - start
+        start = time.perf_counter()
+        outcomes = train_saes_together(sweep_jobs(device, n_tokens, root / "grouped"))
+        times["grouped"] = time.perf_counter() - start
+        assert not any(isinstance(o, BaseException) for o in outcomes), outcomes
+        first = sweep_jobs(device, n_tokens, root / "unused")[0]
+        gen = GenerateSettings(
+            output_dir=str(root / "acts"), model=first.model, datasets=first.datasets,
+            hook_points=first.activation_factory.hook_points, context_size=first.activation_factory.context_size,
+            model_batch_size=first.activation_factory.model_batch_size, total_tokens=tokens_read_by_training(first),
+        )
+        start = time.perf_counter()
+        generate_activations(gen)
+        times["generate"] = time.perf_counter() - start
+        for settings in sweep_jobs(device, n_tokens, root / "cached", source=gen.output_dir):
+            train_sae(settings)
+        times["cached"] = time.perf_counter() - start
+    return times
+
+
+def print_grouped_table(device: str, n_tokens: int) -> None:
+    times = grouped_vs_separate(device, n_tokens)
+    table = Table(title=f"lm_saes 4-job sweep (relu, topk k=32; 8x, 16x), {n_tokens:,} tokens each, on {machine(device)}")
+    for col in ("way", "wall s", "vs separate"):
+        table.add_column(col, justify="right" if col != "way" else "left")
+    table.add_row("separate jobs, on the fly (4 model loads, 4 streams)", f"{times['separate']:,.1f}", "1.00")
+    for key, label in (("grouped", "one group, on the fly (1 model load, 1 stream)"),
+                       ("cached", f"separate jobs from a cache (generation {times['generate']:,.1f} s included)")):
+        table.add_row(label, f"{times[key]:,.1f}", f"{times[key] / times['separate']:.2f}")
+    Console(width=140).print(table)
+
+
 def machine(device: str) -> str:
     if device.startswith("cuda"):
         return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
@@ -328,8 +393,9 @@ def main() -> None:
     parser.add_argument("--gen-tokens", type=int, default=16384, help="tokens of activation generation to time")
     parser.add_argument("--steps", type=int, default=5, help="timed repeats of the SAE step and the matmul")
     parser.add_argument("--matmul-n", type=int, default=4096, help="size of the square matmul that sets the peak")
-    parser.add_argument("--only", choices=("all", "cache", "steps"), default="all",
-                        help="cache: only training from an activation cache vs on the fly; steps: only the SAE step table")
+    parser.add_argument("--only", choices=("all", "cache", "steps", "grouped"), default="all",
+                        help="cache: only training from an activation cache vs on the fly; steps: only the SAE step "
+                             "table; grouped: only the 4-job sweep as separate jobs, one group, and from a cache")
     parser.add_argument("--cache-tokens", type=int, default=50_000, help="training tokens for the cache comparison")
     parser.add_argument("--d-model", type=int, default=576, help="steps: the SAE's input width")
     parser.add_argument("--batch", type=int, default=4096, help="steps: rows per step")
@@ -348,6 +414,9 @@ def main() -> None:
     if args.only == "steps":
         print_step_table(device, args.d_model, args.widths, args.batch, args.steps, args.act_fns, args.amp,
                          args.peak_tflops or gpu_peak_tflops(device))
+        return
+    if args.only == "grouped":
+        print_grouped_table(device, args.cache_tokens)
         return
 
     peak = matmul_peak(device, args.matmul_n, args.steps)

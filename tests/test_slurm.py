@@ -197,3 +197,27 @@ def test_a_signalled_job_checkpoints_is_requeued_and_resumes_exactly(slurm_clust
     assert interrupted.keys() == twin.keys()
     for name in interrupted:
         assert torch.equal(interrupted[name], twin[name]), name
+
+
+def test_a_grouped_sweep_is_one_array_task_per_activation_stream(slurm_cluster, tiny_model_dir, corpus_file,
+                                                                 tmp_path) -> None:
+    sweep = tmp_path / "sweep"
+    overrides = [o for o in tiny_overrides(tiny_model_dir, corpus_file, tmp_path) if not o.startswith("hydra.run")]
+    result = run_cli("train", "-m", *SMALL_JOBS, "hydra.launcher.grouped=true", "+sae=relu_8x", *overrides,
+                     "++sae.top_k=8", "sae.act_fn=relu,topk", "activation_factory.buffer_shuffle.perm_seed=42,7",
+                     f"hydra.sweep.dir={sweep}")
+    assert result.returncode == 0, result.stderr
+    # 4 jobs over 2 streams (the seed varies fastest): 2 array tasks, each group's memory said before submission.
+    for line in ("group 0: jobs 0, 2 share one activation stream: 0.00 GiB", "group 1: jobs 1, 3 share"):
+        assert line in result.stderr, result.stderr
+    scripts = list(sweep.glob(".submitit/*/*_submission.sh"))
+    assert len(scripts) == 1 and "#SBATCH --array=0-1%" in scripts[0].read_text()
+    task_logs = sorted(sweep.glob(".submitit/*_[01]/*_log.out"))
+    assert len(task_logs) == 2 and all("Starting with JobEnvironment(job_id=" in p.read_text() for p in task_logs)
+    # Each task trained its group's two jobs side by side (their log lines name their run directories).
+    assert [sorted({j for j in "0123" if f"{sweep / j}: 1,280/2,560 tok" in p.read_text()}) for p in task_logs] == \
+        [["0", "2"], ["1", "3"]]
+    rows = find_jobs(sweep)
+    assert [r.status for r in rows] == ["ok"] * 4
+    assert [(r.overrides["sae.act_fn"], r.overrides["activation_factory.buffer_shuffle.perm_seed"]) for r in rows] == \
+        [("relu", "42"), ("relu", "7"), ("topk", "42"), ("topk", "7")]

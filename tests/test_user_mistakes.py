@@ -66,7 +66,7 @@ MISTAKES = [
     row("train", ["+sae=relu_8x", "sae.device=cuda"], "sae.device='cuda': CUDA is not available on this machine"),
     # --- train: a sweep's structure, before anything is launched ----------------------------------------------
     row("train", ["-m", "+sae=relu_8x", "hydra/launcher=slrum"],
-        "hydra/launcher=slrum: unknown preset; available: basic, local, slurm,"),
+        "hydra/launcher=slrum: unknown preset; available: basic, grouped, local, slurm,"),
     row("train", ["-m", "+sae=relu_8x", "hydra/launcher=slurm", "hydra.launcher.partiton=gpu"],
         "hydra.launcher.partiton=gpu: unknown key; allowed in hydra.launcher: submitit_folder, timeout_min,"),
     row("train", ["-m", "+sae=relu_8x", "sae.expansion_factr=8,16"], "sae.expansion_factr=8: unknown key; allowed in sae:"),

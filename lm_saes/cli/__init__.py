@@ -21,6 +21,7 @@ model, dataset, activation_factory, initializer, sae and trainer; override any v
 verbs:
   train     train an SAE:  lm-saes train +sae=relu_8x [trainer.lr=3e-4 sae.expansion_factor=16 ...]
             sweep with -m: lm-saes train -m +sae=relu_8x sae.expansion_factor=8,16 trainer.lr=1e-4,3e-4
+            one stream:    lm-saes train -m hydra/launcher=grouped +sae=relu_8x sae.act_fn=relu,topk   # a group per stream
             on SLURM:      lm-saes train -m hydra/launcher=slurm hydra.launcher.partition=gpu +sae=relu_8x ...
             on N GPUs:     torchrun --standalone --nproc_per_node=N --no-python lm-saes train +sae=relu_8x device=cuda
   generate  run the model once and store its activations (an activation cache) for many training runs:
@@ -89,6 +90,9 @@ def run_verb(verb: str, args: list[str]) -> int:
 
         return report_crash(verb, e, None)
     from lm_saes.cli.apps import APPS
+    from lm_saes.cli.launchers import register_launchers
+
+    register_launchers()
 
     sys.argv = [f"lm-saes {verb}", *overrides, *rank_overrides]  # rank overrides are Hydra's, not the user's
     try:

@@ -25,7 +25,7 @@ reads `activation_cache`)."""
 SOURCE_TAGS = ("dataset", "activations")
 """The tags of activation_factory.sources' union: pydantic puts them in error locations; the user never typed them."""
 LAUNCHER_GROUP = "hydra/launcher"
-LAUNCHERS = ("basic", "local", "slurm", "submitit_local", "submitit_slurm")
+LAUNCHERS = ("basic", "grouped", "local", "slurm", "submitit_local", "submitit_slurm")
 """hydra/launcher= options: ours (conf/hydra/launcher/) on top of Hydra's and the submitit plugin's."""
 
 
@@ -182,6 +182,8 @@ def compose_single_run(overrides: list[str], config_name: str = "train", sweep: 
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
+    from lm_saes.cli.launchers import OUR_LAUNCHERS, register_launchers
+
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as e:
@@ -195,6 +197,11 @@ def compose_single_run(overrides: list[str], config_name: str = "train", sweep: 
             options = group_options(group) if group in GROUPS else list(LAUNCHERS)
             if o.value() not in options:
                 raise ConfigError(f"{group}={o.value()}: unknown preset; available: {', '.join(options)}")
+    if not register_launchers():
+        asked = [o.value() for o in parsed if o.key_or_group == LAUNCHER_GROUP and o.value() in OUR_LAUNCHERS]
+        if asked:
+            raise ConfigError(f"{LAUNCHER_GROUP}={asked[0]}: this install of lm_saes lacks its Hydra launchers "
+                              "(hydra_plugins/lm_saes_launchers); reinstall it: pip install -e . (scripts/install.sh)")
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         try:

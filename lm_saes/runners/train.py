@@ -10,6 +10,7 @@ import shutil
 import sys
 import traceback
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import yaml
@@ -18,6 +19,7 @@ from rich.console import Console
 
 from lm_saes import distributed
 from lm_saes.activation import (
+    ActivationBatch,
     ActivationFactory,
     ActivationFactoryActivationsSource,
     ActivationFactoryConfig,
@@ -122,31 +124,13 @@ def _train(settings: TrainSAESettings) -> SparseAutoEncoder:
     run_dir = Path(settings.trainer.exp_result_path)
     world, rank, main = distributed.world_size(), distributed.rank(), distributed.is_main()
     check_devices(settings)
-
-    def claim_run_dir() -> Path | None:
-        checkpoint_path = _checkpoint_to_resume(settings, run_dir)
-        claim(run_dir, settings.trainer.overwrite)
-        return checkpoint_path
-
-    checkpoint_path = distributed.on_main(claim_run_dir)  # every rank reads the checkpoint: a shared disk
+    checkpoint_path = distributed.on_main(lambda: claim_run_dir(settings))  # every rank reads it: a shared disk
     wandb_run = None
     try:
-        if main:
-            write_text_atomic(run_dir / RUN_CONFIG_FILE, yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False))
-        checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path else None
-        if checkpoint is not None:
-            _check_same_settings(checkpoint, settings, world)
+        checkpoint = start_run(settings, checkpoint_path, world)
         caches = check_activation_caches(settings)
-        # Datasets first: a wrong path should fail before the model spends time loading.
-        names = dict.fromkeys(s.name for s in settings.activation_factory.sources if isinstance(s, ActivationFactoryDatasetSource))
-        datasets = {name: load_dataset(settings.datasets[name], f"datasets.{name}.dataset_name_or_path") for name in names}
-        # Training from activation caches alone needs no model (that is what they are for), unless it evaluates.
-        model = TransformerLensLanguageModel(settings.model) if names or settings.trainer.eval_frequency else None
-        sae_cfg = _resolve_sae_config(settings.sae, model, caches)
-        if model is not None:
-            for hook, key in hook_point_keys(settings).items():
-                model.check_hook_points([hook], key)
-            model.check_context_size(settings.activation_factory.context_size, "activation_factory.context_size")
+        datasets, model = load_inputs([settings])
+        sae_cfg = checked_sae_config(settings, model, caches)
         stream_state = checkpoint.section(stream_section(rank, world)) \
             if checkpoint and checkpoint.meta.get("has_stream_state") else None
         evaluate = training_evaluation(settings, model, datasets, world, caches) \
@@ -155,42 +139,108 @@ def _train(settings: TrainSAESettings) -> SparseAutoEncoder:
             model=model, model_name=settings.resolved_model_name, datasets=datasets, state=stream_state,
             rank=rank, world_size=world, caches=caches,
         )
-        if checkpoint is not None:
-            sae = SparseAutoEncoder(sae_cfg)  # the trainer loads the checkpoint's weights
-            Console(file=sys.stderr, quiet=not main).print(f"resuming from {checkpoint.path} (step {checkpoint.meta['step']})")
-        else:
-            try:
-                sae = Initializer(settings.initializer).initialize_sae_from_config(sae_cfg, activation_stream=stream)
-            except EmptyActivationStream:
-                raise _empty_stream_error(settings, datasets, model) from None
+        sae = starting_sae(settings, sae_cfg, checkpoint, stream, datasets, model)
+        if checkpoint is None:
             distributed.broadcast_module_(sae)  # every rank starts from rank 0's initialization
         if main:
             sae.cfg.save_hyperparameters(run_dir)
             wandb_run = _start_wandb(settings)
         final = Trainer(settings.trainer).fit(
             sae=sae, activation_stream=stream, wandb_run=wandb_run, evaluate=evaluate, resume_from=checkpoint,
-            checkpoint_meta={"settings": _fingerprint(settings)},
+            checkpoint_meta=checkpoint_meta(settings),
         )
         if main:
-            sae.save_pretrained(run_dir)
-            write_status(run_dir, "ok", metrics=final)
-            Console(file=sys.stderr).print(
-                f"[green]done[/]: {run_dir}  explained_variance={final['explained_variance']:.3f}  l0={final['l0']:.1f}  "
-                f"dead={final['dead_fraction']:.1%}  ({final['n_training_tokens']:,} tokens)"
-                + (f"  ce_loss_score={final['ce_loss_score']:.3f}" if "ce_loss_score" in final else "")
-            )
+            finish_run(settings, sae, final)
         return sae
-    except Preempted as e:
-        if main:
-            write_status(run_dir, "preempted", error=str(e))
-        raise
     except BaseException as e:
         if main:
-            write_status(run_dir, "failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+            record_failure(run_dir, e)
         raise
     finally:
         if wandb_run is not None:
             wandb_run.finish()
+
+
+# --- the steps of a run, which a group of runs sharing one stream takes too (lm_saes.runners.train_group) ---
+
+def claim_run_dir(settings: TrainSAESettings) -> Path | None:
+    """Mark the run directory running (refusing a finished run); the checkpoint to resume, if any."""
+    run_dir = Path(settings.trainer.exp_result_path)
+    checkpoint_path = _checkpoint_to_resume(settings, run_dir)
+    claim(run_dir, settings.trainer.overwrite)
+    return checkpoint_path
+
+
+def start_run(settings: TrainSAESettings, checkpoint_path: Path | None, world: int) -> Checkpoint | None:
+    """Write config.yaml (rank 0); load the checkpoint to resume, checked against the settings."""
+    if distributed.is_main():
+        write_text_atomic(Path(settings.trainer.exp_result_path) / RUN_CONFIG_FILE,
+                          yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False))
+    checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path else None
+    if checkpoint is not None:
+        _check_same_settings(checkpoint, settings, world)
+    return checkpoint
+
+
+def load_inputs(group: list[TrainSAESettings]) -> tuple[dict[str, Any], TransformerLensLanguageModel | None]:
+    """The datasets and the model that runs sharing one stream (the first's) need, each loaded once."""
+    settings = group[0]
+    # Datasets first: a wrong path should fail before the model spends time loading.
+    names = dict.fromkeys(s.name for s in settings.activation_factory.sources if isinstance(s, ActivationFactoryDatasetSource))
+    datasets = {name: load_dataset(settings.datasets[name], f"datasets.{name}.dataset_name_or_path") for name in names}
+    # Training from activation caches alone needs no model (that is what they are for), unless it evaluates.
+    needs_model = names or any(s.trainer.eval_frequency for s in group)
+    return datasets, TransformerLensLanguageModel(settings.model) if needs_model else None
+
+
+def checked_sae_config(settings: TrainSAESettings, model: TransformerLensLanguageModel | None,
+                       caches: dict[int, CacheManifest]) -> SAEConfig:
+    """The SAE's config with d_model filled in, once the model has the run's hook points and context size."""
+    sae_cfg = _resolve_sae_config(settings.sae, model, caches)
+    if model is not None:
+        for hook, key in hook_point_keys(settings).items():
+            model.check_hook_points([hook], key)
+        model.check_context_size(settings.activation_factory.context_size, "activation_factory.context_size")
+    return sae_cfg
+
+
+def starting_sae(settings: TrainSAESettings, sae_cfg: SAEConfig, checkpoint: Checkpoint | None,
+                 stream: Iterator[ActivationBatch], datasets: dict[str, Any],
+                 model: TransformerLensLanguageModel | None) -> SparseAutoEncoder:
+    """The SAE to train: initialized on the stream's first batches (which it consumes), or, when resuming, an
+    empty one that the trainer fills from the checkpoint."""
+    if checkpoint is not None:
+        Console(file=sys.stderr, quiet=not distributed.is_main()).print(
+            f"resuming from {checkpoint.path} (step {checkpoint.meta['step']})")
+        return SparseAutoEncoder(sae_cfg)
+    try:
+        return Initializer(settings.initializer).initialize_sae_from_config(sae_cfg, activation_stream=stream)
+    except EmptyActivationStream:
+        raise _empty_stream_error(settings, datasets, model) from None
+
+
+def checkpoint_meta(settings: TrainSAESettings) -> dict[str, Any]:
+    return {"settings": _fingerprint(settings)}
+
+
+def finish_run(settings: TrainSAESettings, sae: SparseAutoEncoder, final: dict[str, float | int]) -> None:
+    """The finished run's weights and status (rank 0), and its one-line summary."""
+    run_dir = Path(settings.trainer.exp_result_path)
+    sae.save_pretrained(run_dir)
+    write_status(run_dir, "ok", metrics=final)
+    Console(file=sys.stderr).print(
+        f"[green]done[/]: {run_dir}  explained_variance={final['explained_variance']:.3f}  l0={final['l0']:.1f}  "
+        f"dead={final['dead_fraction']:.1%}  ({final['n_training_tokens']:,} tokens)"
+        + (f"  ce_loss_score={final['ce_loss_score']:.3f}" if "ce_loss_score" in final else "")
+    )
+
+
+def record_failure(run_dir: Path, error: BaseException) -> None:
+    """status.json after `error` ended a claimed run: preempted (resumable) or failed, with the error."""
+    if isinstance(error, Preempted):
+        write_status(run_dir, "preempted", error=str(error))
+    else:
+        write_status(run_dir, "failed", error=f"{type(error).__name__}: {error}", traceback=traceback.format_exc())
 
 
 def _empty_stream_error(settings: TrainSAESettings, datasets: dict[str, Any],
@@ -333,4 +383,5 @@ def _start_wandb(settings: TrainSAESettings) -> Any | None:
         tags=[settings.resolved_model_name, settings.sae.act_fn], mode=settings.wandb.mode,
         dir=os.fspath(settings.trainer.exp_result_path),
         config=settings.model_dump(mode="json"),
+        reinit="create_new",  # the jobs of a group (train_saes_together) each have a run open at once
     )
