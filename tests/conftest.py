@@ -153,11 +153,11 @@ def saelens_python() -> Path:
     return Path(proc.stdout.strip().splitlines()[-1])
 
 
-def run_driver(python: Path, jobs: list[dict[str, Any]], folder: Path) -> list[dict[str, Any]]:
-    """Run `jobs` (see tests/saelens_driver.py) in the sae-lens venv; one answer per job."""
+def run_driver(python: Path, jobs: list[dict[str, Any]], folder: Path, driver: Path = SAELENS_DRIVER) -> list[dict[str, Any]]:
+    """Run `jobs` (see tests/saelens_driver.py, or tests/sparsify_driver.py) in the peer venv; one answer per job."""
     jobs_file = folder / "jobs.json"
     jobs_file.write_text(json.dumps(jobs))
-    proc = subprocess.run([str(python), str(SAELENS_DRIVER), str(jobs_file)], capture_output=True, text=True,
+    proc = subprocess.run([str(python), str(driver), str(jobs_file)], capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]

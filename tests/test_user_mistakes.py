@@ -4,7 +4,7 @@ exit code 2, no traceback, and nothing left that looks finished.
 To add a mistake, add a row. Placeholders in the arguments, in braces: {TINY} (the tiny model, corpus and budget, see
 conftest.tiny_overrides), RUN (a finished tiny run), NOT_A_RUN (an empty folder), FAILED_RUN (a run whose
 status.json says failed), FUTURE (an analysis of a newer format), CACHE (an activation cache of the tiny model),
-OTHER_HOOK and OTHER_D_MODEL (copies of RUN whose SAE config names blocks.1 or d_model 64), EMPTY_TXT (a 0-byte .txt), BLANK_TXT (blank lines only), EMPTY_JSONL, BAD_JSONL (a malformed line), SHORT (one
+GROUPMAX (a sparsify folder of a groupmax SAE), OTHER_HOOK and OTHER_D_MODEL (copies of RUN whose SAE config names blocks.1 or d_model 64), EMPTY_TXT (a 0-byte .txt), BLANK_TXT (blank lines only), EMPTY_JSONL, BAD_JSONL (a malformed line), SHORT (one
 short document). `before` rows run in-process and must fail before any directory is made; `runtime` rows run
 the real command line and fail once the model or data is loaded, leaving status.json `failed` (`no_status`: the
 run directory itself could not be made).
@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Literal
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from lm_saes.cli import main
 from tests.conftest import run_cli, tiny_overrides
@@ -121,6 +123,8 @@ MISTAKES = [
     row("evaluate", ["{RUN}", "evaluator.n_contexts=0"], "evaluator.n_contexts=0: Input should be greater than 0"),
     row("evaluate", ["{NOT_A_RUN}"], "no readable status.json: not a training run directory"),
     row("evaluate", ["{FAILED_RUN}"], "status.json says 'failed'; evaluate a finished run (ok)"),
+    row("evaluate", ["{GROUPMAX}"], "{GROUPMAX}/cfg.json: activation='groupmax': only topk is importable"),
+    row("analyze", ["{GROUPMAX}"], "{GROUPMAX}/cfg.json: activation='groupmax': only topk is importable"),
     row("evaluate", ["{RUN}", "device=cuda"], "device='cuda': CUDA is not available on this machine"),
     row("analyze", ["{RUN}", "device=cuda:1"], "device='cuda:1': CUDA is not available on this machine"),
     row("evaluate", ["{RUN}", "evaluator.context_size=4096"],
@@ -186,11 +190,17 @@ def places(tiny_model_dir, corpus_file, tiny_run, tmp_path_factory) -> dict[str,
         shutil.copytree(tiny_run, root / name)
         config = root / name / "config.json"
         config.write_text(json.dumps({**json.loads(config.read_text()), **change}))
+    groupmax = root / "groupmax" / "layers.1"  # a sparsify folder (tests/test_interop_sparsify.py has real ones)
+    groupmax.mkdir(parents=True)
+    (groupmax / "cfg.json").write_text(json.dumps({"activation": "groupmax", "k": 4, "num_latents": 64, "d_in": 32}))
+    save_file({"encoder.weight": torch.zeros(64, 32), "encoder.bias": torch.zeros(64), "W_dec": torch.zeros(64, 32),
+               "b_dec": torch.zeros(32)}, str(groupmax / "sae.safetensors"))
     cache = root / "cache"
     generate_activations(_generate_settings(tiny_model_dir, corpus_file, cache, total_tokens=2000))
     return {"RUN": str(tiny_run), "NOT_A_RUN": str(root / "not-a-run"), "FAILED_RUN": str(root / "failed-run"),
             "FUTURE": str(root / "future"), "CACHE": str(cache),
-            "OTHER_HOOK": str(root / "other-hook"), "OTHER_D_MODEL": str(root / "other-d-model"), **{k: str(root / n) for k, (n, _) in files.items()}}
+            "OTHER_HOOK": str(root / "other-hook"), "OTHER_D_MODEL": str(root / "other-d-model"),
+            "GROUPMAX": str(groupmax), **{k: str(root / n) for k, (n, _) in files.items()}}
 
 
 def _snapshot(places: dict[str, str]) -> dict[str, list[str]]:

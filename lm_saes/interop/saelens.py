@@ -299,8 +299,8 @@ def _our_weights(cfg: Mapping[str, Any], state: dict[str, torch.Tensor], act_fn:
     out = {"W_E": W_E, "b_E": b_E, "W_D": W_D, "b_D": b_D, "norm_factor_in": one, "norm_factor_out": one}
     if act_fn == "jumprelu":
         out["activation_function.log_threshold"] = s["threshold"].log()
-    if act_fn == "topk":  # the k it encodes with (a buffer, so that a k schedule's last k is what is saved)
-        out["activation_function.k_current"] = torch.tensor(cfg["k"])
+    elif act_fn == "topk":  # the k it encodes with, a buffer of ours (a k schedule's last value)
+        out["activation_function.k_current"] = torch.tensor(int(cfg["k"]))
     return out
 
 

@@ -17,13 +17,8 @@ from pydantic import ValidationError
 
 from lm_saes.datasets import DatasetConfig
 from lm_saes.errors import UserInputError
-from lm_saes.interop.saelens import (
-    SAELENS_CFG_FILE,
-    SAELensMetadata,
-    is_saelens_folder,
-    read_saelens,
-    read_saelens_metadata,
-)
+from lm_saes.interop import foreign_format, read_foreign_sae
+from lm_saes.interop.saelens import SAELENS_CFG_FILE, SAELensMetadata
 from lm_saes.language_model import LanguageModelConfig
 from lm_saes.run_dir import RUN_CONFIG_FILE, STATUS_FILE, read_status
 from lm_saes.runners.train import TrainSAESettings
@@ -45,7 +40,8 @@ def load_run_settings(run_dir: Path) -> TrainSAESettings:
     status = read_status(run_dir)
     if status is None:
         raise UserInputError("run_dir", str(run_dir), f"no readable {STATUS_FILE}: not a training run directory "
-                             f"(nor an SAE folder: {SAELENS_CFG_FILE} or {CONFIG_FILE}, with {WEIGHTS_FILE})")
+                             f"(nor an SAE folder: {SAELENS_CFG_FILE} or {CONFIG_FILE} with {WEIGHTS_FILE}, or sparsify's "
+                             f"{SAELENS_CFG_FILE} with sae.safetensors)")
     if status.get("status") != "ok":
         raise UserInputError("run_dir", str(run_dir), f"{STATUS_FILE} says {status.get('status')!r}; evaluate a finished run (ok)")
     missing = [f for f in (RUN_CONFIG_FILE, CONFIG_FILE, WEIGHTS_FILE) if not (run_dir / f).exists()]
@@ -63,7 +59,7 @@ def is_foreign_sae_folder(folder: Path) -> bool:
     `save_pretrained` folder. A run directory (status.json or config.yaml) is never one, finished or not."""
     if (folder / STATUS_FILE).exists() or (folder / RUN_CONFIG_FILE).exists():
         return False
-    return is_saelens_folder(folder) or ((folder / CONFIG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file())
+    return foreign_format(folder) is not None or ((folder / CONFIG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file())
 
 
 @dataclass(frozen=True)
@@ -111,9 +107,8 @@ def load_inspected_sae(settings: "HeldOutRunSettings") -> InspectedSAE:
         model = train.model.model_copy(update=settings.model.updates())
         origin = None if override else f"the run's model ({folder / RUN_CONFIG_FILE})"
         return InspectedSAE(folder, train.sae, model, origin, train.activation_factory.context_size, train)
-    if is_saelens_folder(folder) and not (folder / CONFIG_FILE).exists():
-        sae, _ = read_saelens(folder, settings.hook_point_in, settings.hook_point_out)
-        metadata = read_saelens_metadata(folder)
+    if foreign_format(folder) and not (folder / CONFIG_FILE).exists():
+        sae, _, metadata = read_foreign_sae(folder, settings.hook_point_in, settings.hook_point_out)
     else:
         sae, metadata = SAEConfig.from_pretrained(folder), SAELensMetadata()
     name, origin = _foreign_model_name(override, metadata.model_name, folder)

@@ -252,13 +252,14 @@ class SparseAutoEncoder(nn.Module):
         hook_point_in: str | None = None, hook_point_out: str | None = None,
     ) -> "SparseAutoEncoder":
         """Load an SAE folder, in eval mode; never pickle. `path` is a folder written by `save_pretrained` (a run
-        directory), a SAELens folder (cfg.json), or `hf://OWNER/REPO/PATH`, a folder of either on the hub.
-        `hook_point_in/out` name the hooks of a SAELens folder that does not record them."""
-        from lm_saes.interop import is_saelens_folder, read_saelens, resolve_sae_path
+        directory), a SAELens folder (cfg.json + sae_weights.safetensors), a sparsify folder (cfg.json +
+        sae.safetensors), or `hf://OWNER/REPO/PATH`, a folder of any of them on the hub. `hook_point_in/out`
+        name the hooks of a foreign folder that does not record them."""
+        from lm_saes.interop import foreign_format, read_foreign_sae, resolve_sae_path
 
         path = resolve_sae_path(path)
-        if not (Path(path) / CONFIG_FILE).exists() and is_saelens_folder(path):
-            cfg, state = read_saelens(path, hook_point_in, hook_point_out)
+        if not (Path(path) / CONFIG_FILE).exists() and foreign_format(path):
+            cfg, state, _ = read_foreign_sae(path, hook_point_in, hook_point_out)
         else:
             cfg, state = SAEConfig.from_pretrained(path), load_file(str(Path(path) / WEIGHTS_FILE))
         updates = {k: v for k, v in {"device": device, "dtype": dtype}.items() if v is not None}
