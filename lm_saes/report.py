@@ -96,6 +96,15 @@ def to_csv(rows: list[JobRow]) -> str:
     return out.getvalue()
 
 
+def frontier_series(rows: list[JobRow], y_key: str) -> dict[str, list[tuple[float, float, str]]]:
+    """The plotted points, one series per act_fn (whatever the variant): (L0, y_key's value, job), by L0."""
+    series: dict[str, list[tuple[float, float, str]]] = {}
+    for r in rows:
+        if r.status == "ok" and "l0" in r.metrics and y_key in r.metrics:
+            series.setdefault(r.act_fn, []).append((r.metrics["l0"], r.metrics[y_key], r.job))
+    return {act_fn: sorted(points) for act_fn, points in sorted(series.items())}
+
+
 def plot_frontier(rows: list[JobRow], path: Path) -> Path:
     """L0 against explained variance (and against CE loss score when evaluated), one series per act_fn."""
     import matplotlib
@@ -107,11 +116,7 @@ def plot_frontier(rows: list[JobRow], path: Path) -> Path:
     y_keys = ["explained_variance"] + (["ce_loss_score"] if any("ce_loss_score" in r.metrics for r in done) else [])
     fig, axes = plt.subplots(1, len(y_keys), figsize=(6 * len(y_keys), 4.5), squeeze=False)
     for ax, y_key in zip(axes[0], y_keys):
-        for act_fn in sorted({r.act_fn for r in done}):
-            series = sorted((r.metrics["l0"], r.metrics[y_key], r.job) for r in done
-                            if r.act_fn == act_fn and y_key in r.metrics)
-            if not series:
-                continue
+        for act_fn, series in frontier_series(done, y_key).items():
             xs, ys, labels = zip(*series)
             ax.plot(xs, ys, "o-", label=act_fn)
             for x, y, label in series:

@@ -22,10 +22,7 @@ from lm_saes import Initializer, InitializerConfig, SAEConfig, Trainer, TrainerC
 
 D_MODEL, N_FEATURES, P_ACTIVE, BATCH, STEPS = 32, 64, 3 / 64, 512, 300
 PRESETS_DIR = Path(__file__).resolve().parents[1] / "conf" / "sae"
-NOT_YET = {  # measured at the preset (mean max cosine): below 0.9, kept visible until fixed
-    "gated_8x": "0.81 at the CLI's L1 of 3.0",
-    "matryoshka_batchtopk_8x": "0.88: its 1/16 prefix learns broad directions",
-}
+NOT_YET: dict[str, str] = {}  # preset -> why it does not recover yet (mean max cosine), kept visible until fixed
 SAE_PRESETS = [
     pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=NOT_YET[name])) if name in NOT_YET else name
     for name in sorted(p.stem for p in PRESETS_DIR.glob("*.yaml") if not p.stem.startswith("transcoder"))

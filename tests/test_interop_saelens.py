@@ -61,10 +61,10 @@ IMPORTED = {  # driver arch -> our act_fn
     "standard": "relu", "standard_no_b_dec_input": "relu", "topk": "topk", "topk_rescaled": "topk",
     "topk_trained": "topk", "jumprelu": "jumprelu", "jumprelu_zero_threshold": "relu",
     "batchtopk_trained": "jumprelu", "matryoshka_trained": "jumprelu", "transcoder": "relu",
-    "jumprelu_transcoder": "jumprelu", "pre6_standard": "relu", "pre6_topk": "topk",
+    "jumprelu_transcoder": "jumprelu", "pre6_standard": "relu", "pre6_topk": "topk", "gated": "gated",
 }
 REFUSED = {"standard_layer_norm": "normalize_activations", "jumprelu_mixed_threshold": "threshold",
-           "gated": "architecture", "skip_transcoder": "architecture"}
+           "skip_transcoder": "architecture"}
 
 
 def write_pre6_folder(folder: Path, topk: bool) -> None:
@@ -133,6 +133,8 @@ EXPORTED = {  # name -> (act_fn, transcoder?, the class SAELens loads it as)
     "topk": ("topk", False, "TopKSAE"),
     "batchtopk": ("batchtopk", False, "JumpReLUSAE"),
     "jumprelu": ("jumprelu", False, "JumpReLUSAE"),
+    "matryoshka_batchtopk": ("matryoshka_batchtopk", False, "JumpReLUSAE"),
+    "gated": ("gated", False, "GatedSAE"),
     "relu_transcoder": ("relu", True, "Transcoder"),
     "jumprelu_transcoder": ("jumprelu", True, "JumpReLUTranscoder"),
     "batchtopk_transcoder": ("batchtopk", True, "JumpReLUTranscoder"),
@@ -154,9 +156,12 @@ def our_sae(act_fn: str, transcoder: bool = False, seed: int = 0) -> SparseAutoE
         sae.norm_factor_out.fill_(0.6)
         if act_fn == "jumprelu":
             sae.activation_function.log_threshold.copy_((torch.rand(D_SAE) * 0.9 + 0.1).log())
-        if act_fn == "batchtopk":
+        if act_fn in ("batchtopk", "matryoshka_batchtopk"):
             sae.activation_function.threshold.fill_(0.5)
             sae.activation_function.threshold_initialized.fill_(True)
+        if act_fn == "gated":
+            for name in ("b_gate", "b_mag", "r_mag"):
+                getattr(sae.activation_function, name).normal_(0, 0.3)
     return sae.eval()
 
 
@@ -198,7 +203,7 @@ def test_export_then_import_is_the_same_sae(tmp_path: Path, name: str) -> None:
     sae.save_pretrained(tmp_path, format="saelens")
     assert sorted(p.name for p in tmp_path.iterdir()) == [SAELENS_CFG_FILE, SAELENS_WEIGHTS_FILE]
     back = SparseAutoEncoder.from_pretrained(tmp_path)
-    assert back.cfg.act_fn == ("jumprelu" if act_fn == "batchtopk" else act_fn)
+    assert back.cfg.act_fn == ("jumprelu" if "batchtopk" in act_fn else act_fn)
     assert (back.cfg.hook_point_in, back.cfg.hook_point_target) == (sae.cfg.hook_point_in, sae.cfg.hook_point_target)
     inputs = fixed_inputs(tmp_path)
     assert_same_outputs(our_outputs(back, inputs), our_outputs(sae, inputs))
@@ -316,7 +321,8 @@ def test_a_hub_reference_loads_from_the_hub_cache_offline(tmp_path: Path) -> Non
 # --- export_run: a real (tiny) training run of each exportable kind, exported, loaded by sae-lens ----------
 
 RUN_KINDS = {"relu": ("relu", False), "topk": ("topk", False), "batchtopk": ("batchtopk", False),
-             "jumprelu": ("jumprelu", False), "relu_transcoder": ("relu", True)}
+             "jumprelu": ("jumprelu", False), "relu_transcoder": ("relu", True), "gated": ("gated", False),
+             "matryoshka_batchtopk": ("matryoshka_batchtopk", False)}
 RUN_HOOK, RUN_HOOK_OUT = "blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out"
 
 
@@ -326,7 +332,7 @@ def train_tiny_run(run_dir: Path, tiny_model_dir: Path, corpus_file: Path, act_f
     hook_in = RUN_HOOK if transcoder else "blocks.0.hook_resid_post"
     train_sae(TrainSAESettings.model_validate({
         "sae": {"hook_point_in": hook_in, "hook_point_out": RUN_HOOK_OUT if transcoder else None,
-                "expansion_factor": 2, "act_fn": act_fn, "top_k": 8},
+                "expansion_factor": 2, "act_fn": act_fn, "top_k": 8, "matryoshka_prefixes": [0.25]},
         "trainer": {"lr": 1e-3, "total_training_tokens": 256 * 6, "exp_result_path": str(run_dir)},
         "model": {"model_name": str(tiny_model_dir)},
         "datasets": {"synthetic": {"dataset_name_or_path": str(corpus_file)}},

@@ -1,5 +1,5 @@
 """The Matryoshka BatchTopK and gated presets go through the CLI like every other: train, reload exactly,
-evaluate, analyze."""
+evaluate, analyze, export to SAELens."""
 
 from __future__ import annotations
 
@@ -29,3 +29,7 @@ def test_preset_trains_reloads_evaluates_and_analyzes(preset: str, tiny_model_di
     result = run_cli("analyze", str(run_dir), "analysis.n_tokens=1000", "analysis.n_top_examples=3")
     assert result.returncode == 0, result.stderr
     assert (run_dir / "analysis" / "analysis.json").exists()
+    result = run_cli("export", str(run_dir), str(tmp_path / "saelens"))
+    assert result.returncode == 0, result.stderr
+    cfg = json.loads((tmp_path / "saelens" / "cfg.json").read_text())
+    assert cfg["architecture"] == {"gated_8x": "gated", "matryoshka_batchtopk_8x": "jumprelu"}[preset]

@@ -8,9 +8,10 @@ import struct
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lm_saes.cli import main
-from lm_saes.report import find_jobs, varying_keys
+from lm_saes.report import find_jobs, frontier_series, varying_keys
 from tests.conftest import run_cli, tiny_overrides
 
 
@@ -56,6 +57,18 @@ def test_report_writes_csv_and_frontier_and_lists_failures(tmp_path, capsys) -> 
     assert table[1]["ce_loss_score"] == "0.9" and table[2]["error"] == "ValueError: boom"
     width, height = _png_size(tmp_path / "frontier.png")
     assert width > height > 100  # two panels side by side: EV and CE score
+
+
+def test_the_frontier_has_a_series_for_every_preset_variant(tmp_path) -> None:
+    presets = sorted((Path(__file__).resolve().parents[1] / "conf" / "sae").glob("*.yaml"))
+    act_fns = sorted({yaml.safe_load(p.read_text())["sae"]["act_fn"] for p in presets})
+    assert {"gated", "matryoshka_batchtopk"} <= set(act_fns)
+    for num, act_fn in enumerate(act_fns):
+        _fake_job(tmp_path, num, [f"sae.act_fn={act_fn}"], "ok", {"explained_variance": 0.8, "l0": 10.0 + num}, act_fn)
+    series = frontier_series(find_jobs(tmp_path), "explained_variance")
+    assert {a: [(x, j) for x, _, j in s] for a, s in series.items()} == {
+        a: [(10.0 + n, str(n))] for n, a in enumerate(act_fns)}
+    assert main(["report", str(tmp_path)]) == 0 and (tmp_path / "frontier.png").exists()
 
 
 def test_report_of_a_folder_without_runs_is_a_user_error(tmp_path, capsys) -> None:

@@ -248,16 +248,13 @@ def test_gated_paths_share_the_encoder_and_the_aux_loss_leaves_the_decoder_alone
     assert sae.W_D.grad is None and sae.W_E.grad.abs().sum() > 0 and af.b_gate.grad.abs().sum() > 0
 
 
-def test_matryoshka_prefixes_each_reconstruct_with_their_own_k() -> None:
+def test_matryoshka_prefixes_reconstruct_from_the_one_batch_selection() -> None:
     sae = _sae("matryoshka_batchtopk", matryoshka_prefixes=[16, 0.25])
     af = sae.activation_function
     assert af.prefix_sizes() == [16, 32, 128]
     x = torch.randn(64, 16)
     out = sae.compute_loss(x, x, 0.0)
-    pre = sae.pre_activations(x)
-    expected = []
-    for m in (16, 32, 128):
-        latents = af.batch_select(pre[:, :m], 4)
-        assert (latents > 0).sum() <= 4 * 64
-        expected.append((latents @ sae.W_D[:m] + sae.b_D - x).pow(2).sum(-1).mean())
+    latents = af.batch_select(sae.pre_activations(x), 4)  # the whole dictionary's k x batch
+    assert (latents > 0).sum() <= 4 * 64 and (latents[:, :16] > 0).any() and (latents[:, 32:] > 0).any()
+    expected = [(latents[:, :m] @ sae.W_D[:m] + sae.b_D - x).pow(2).sum(-1).mean() for m in (16, 32, 128)]
     assert out.loss.item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-5)

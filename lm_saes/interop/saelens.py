@@ -8,6 +8,8 @@ Checked against the real sae-lens (tests/test_interop_saelens.py runs it in its 
 | topk                   | topk (`k`)                      | import folds `rescale_acts_by_decoder_norm` into W |
 | jumprelu               | jumprelu (`threshold`)          | threshold = exp(log_threshold)                     |
 | batchtopk              | jumprelu                        | its one threshold on every latent (as SAELens)     |
+| matryoshka_batchtopk   | jumprelu                        | likewise (SAELens saves its own so too)            |
+| gated                  | gated (`b_gate`, `b_mag`, `r_mag`) | no b_enc; both ways                             |
 | relu transcoder        | transcoder                      | hook_point_out <-> metadata.hook_name_out          |
 | jumprelu, batchtopk tr.| jumprelu_transcoder             |                                                    |
 | relu (import only)     | jumprelu, every threshold <= 0  | relu(pre) * (pre > t) is relu(pre) then            |
@@ -15,7 +17,7 @@ Checked against the real sae-lens (tests/test_interop_saelens.py runs it in its 
 SAELens's standard SAEs subtract b_dec from the input before encoding (`apply_b_dec_to_input`); ours do not,
 so import folds it into the encoder bias (b_E = b_enc - b_dec W_enc) and export writes it off. Our
 dataset-wise normalisation is folded into the weights before export, so `normalize_activations` is "none".
-Everything else (gated, skip transcoders, per-token normalisations, hook_z, topk transcoders, ...) is one
+Everything else (gated transcoders, skip transcoders, per-token normalisations, hook_z, topk transcoders, ...) is one
 UserInputError, never a silently different SAE.
 """
 
@@ -53,11 +55,16 @@ _EXPORT_ARCHITECTURES: dict[tuple[str, bool], str] = {
     ("topk", False): "topk",
     ("jumprelu", False): "jumprelu",
     ("batchtopk", False): "jumprelu",
+    ("matryoshka_batchtopk", False): "jumprelu",
+    ("gated", False): "gated",
     ("relu", True): "transcoder",
     ("jumprelu", True): "jumprelu_transcoder",
     ("batchtopk", True): "jumprelu_transcoder",
+    ("matryoshka_batchtopk", True): "jumprelu_transcoder",
 }
-_IMPORT_ARCHITECTURES = ("standard", "topk", "jumprelu", "transcoder", "jumprelu_transcoder")
+_IMPORT_ARCHITECTURES = ("standard", "topk", "jumprelu", "gated", "transcoder", "jumprelu_transcoder")
+_GATED_TENSORS = ("b_gate", "b_mag", "r_mag")
+"""The gated SAE's own tensors, ours under activation_function.NAME; SAELens's gated SAE has no b_enc."""
 _TRANSCODERS = ("transcoder", "jumprelu_transcoder")
 _LLM_METADATA_KEYS = (  # sae_lens.loading.pretrained_sae_loaders.LLM_METADATA_KEYS: what pre-6 configs carry
     "model_name", "hook_name", "model_class_name", "hook_head_index", "model_from_pretrained_kwargs",
@@ -122,8 +129,11 @@ def saelens_state_dict(sae: "SparseAutoEncoder") -> dict[str, torch.Tensor]:
     state = {"W_enc": folded["W_E"], "b_enc": folded["b_E"], "W_dec": folded["W_D"], "b_dec": folded["b_D"]}
     if sae.cfg.act_fn == "jumprelu":
         state["threshold"] = folded["activation_function.log_threshold"].exp()
-    elif sae.cfg.act_fn == "batchtopk":  # its inference form: a JumpReLU with one threshold on every latent
+    elif sae.cfg.act_fn in ("batchtopk", "matryoshka_batchtopk"):  # inference: a JumpReLU, one threshold for all
         state["threshold"] = folded["activation_function.threshold"].expand(sae.cfg.d_sae)
+    elif sae.cfg.act_fn == "gated":  # its pre-activations are x W_E (+ its own biases): b_E is unused
+        del state["b_enc"]
+        state.update({k: folded[f"activation_function.{k}"] for k in _GATED_TENSORS})
     return {k: v.contiguous() for k, v in state.items()}
 
 
@@ -248,17 +258,20 @@ def _checked_tensors(cfg: Mapping[str, Any], state: dict[str, torch.Tensor], whe
     scale = state.pop("scaling_factor", None)  # SAELens ignores an all-ones finetuning scaling factor
     if scale is not None and not torch.all(scale == 1):
         raise _refused(where, "scaling_factor", "not all ones", "a finetuning scaling factor is not importable")
-    expected = {"W_enc", "b_enc", "W_dec", "b_dec"} | ({"threshold"} if "jumprelu" in cfg["architecture"] else set())
+    if cfg["architecture"] == "gated":
+        expected = {"W_enc", "W_dec", "b_dec", *_GATED_TENSORS}
+    else:
+        expected = {"W_enc", "b_enc", "W_dec", "b_dec"} | ({"threshold"} if "jumprelu" in cfg["architecture"] else set())
     if set(state) != expected:
         raise _refused(where, "tensors", sorted(state), f"expected exactly {sorted(expected)}")
     return state
 
 
 def _act_fn_and_threshold(cfg: Mapping[str, Any], threshold_S: torch.Tensor | None, where: str) -> str:
-    """relu, topk or jumprelu. SAELens's JumpReLU is relu(pre) * (pre > t): a latent with t <= 0 is a plain
+    """relu, topk, gated or jumprelu. SAELens's JumpReLU is relu(pre) * (pre > t): a latent with t <= 0 is a plain
     ReLU, one with t > 0 is our JumpReLU with log_threshold = log t; a mix of the two has no form here."""
-    if cfg["architecture"] == "topk":
-        return "topk"
+    if cfg["architecture"] in ("topk", "gated"):
+        return cfg["architecture"]
     if threshold_S is None:
         return "relu"
     positive = int((threshold_S > 0).sum())
@@ -273,6 +286,8 @@ def _act_fn_and_threshold(cfg: Mapping[str, Any], threshold_S: torch.Tensor | No
 def _our_weights(cfg: Mapping[str, Any], state: dict[str, torch.Tensor], act_fn: str) -> dict[str, torch.Tensor]:
     """SAELens's weights as ours, in float64: x W_E + b_E equals SAELens's pre-activations (up to rounding)."""
     s = {k: v.double() for k, v in state.items()}
+    if act_fn == "gated":
+        return _our_gated_weights(cfg, s)
     W_E, b_E, W_D, b_D = s["W_enc"], s["b_enc"], s["W_dec"], s["b_dec"]
     if cfg.get("apply_b_dec_to_input", True) and cfg["architecture"] not in _TRANSCODERS:
         b_E = b_E - s["b_dec"] @ W_E  # (x - b_dec) W_enc + b_enc
@@ -287,6 +302,19 @@ def _our_weights(cfg: Mapping[str, Any], state: dict[str, torch.Tensor], act_fn:
     elif act_fn == "topk":  # the k it encodes with, a buffer of ours (a k schedule's last value)
         out["activation_function.k_current"] = torch.tensor(int(cfg["k"]))
     return out
+
+
+def _our_gated_weights(cfg: Mapping[str, Any], s: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """SAELens's gated SAE as ours: b_dec's subtraction from the input folded into both paths' biases
+    ((x - b_dec) W_enc + b_gate, and exp(r_mag) times that product + b_mag)."""
+    b_gate, b_mag = s["b_gate"], s["b_mag"]
+    if cfg.get("apply_b_dec_to_input", True):
+        shift_S = s["b_dec"] @ s["W_enc"]
+        b_gate, b_mag = b_gate - shift_S, b_mag - s["r_mag"].exp() * shift_S
+    one = torch.ones((), dtype=torch.float64)
+    return {"W_E": s["W_enc"], "b_E": torch.zeros_like(b_gate), "W_D": s["W_dec"], "b_D": s["b_dec"],
+            "norm_factor_in": one, "norm_factor_out": one, "activation_function.b_gate": b_gate,
+            "activation_function.b_mag": b_mag, "activation_function.r_mag": s["r_mag"]}
 
 
 def _our_config(

@@ -45,7 +45,8 @@ class SAEConfig(BaseConfig):
     unit_decoder_norm: bool | None = None
     """Hold every decoder row at unit norm while training (the gradient's component along the row is removed
     before each step, the row renormalised after it). None: the variant's default, true for the TopK family
-    (topk, batchtopk), as in the reference, so that a latent cannot win the top k by a small decoder norm."""
+    (topk, batchtopk, matryoshka_batchtopk), as in the reference, so that a latent cannot win the top k by a
+    small decoder norm, and for gated, as in its paper."""
     sparse_topk: bool = True
     """topk: decode by gathering the k decoder rows and backpropagate only through the selected latents.
     False runs the dense reference (same outputs and gradients, d_sae/k times more work)."""
@@ -80,6 +81,13 @@ class SAEConfig(BaseConfig):
     jumprelu_lr_factor: float = Field(10.0, gt=0)
     """The threshold's learning rate relative to trainer.lr: 10, so that a log threshold can travel in a
     budget of a few hundred steps."""
+
+    # --- gated ---
+    gated_lr_factor: float = Field(10.0, gt=0)
+    """gated: the learning rate of r_mag, b_gate and b_mag relative to trainer.lr. The sparsity penalty shrinks
+    the shared W_E, which r_mag (a log scale) must make up for in the magnitude path, and b_gate must travel to
+    the gate's threshold; at trainer.lr, at most ~lr per Adam step, neither keeps up in a run of a few hundred
+    steps (10 recovers planted features at 300 steps; 1: mean max cosine 0.77 at the same penalty)."""
 
     # --- state of saved weights ---
     activation_norm_folded: bool = False

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -19,8 +19,13 @@ class Gated(ActivationFunction):
     The two paths share W_E (rescaled per latent by exp(r_mag)), as in the paper. The gate has no gradient
     through the step; it learns from the sparsity penalty (the decoder-norm-weighted L1 of relu(pi_gate))
     and from the auxiliary loss, the squared error of relu(pi_gate) decoded by a detached decoder. The gate
-    and magnitude biases live here, so the SAE's own b_E stays zero and unused.
+    and magnitude biases live here, so the SAE's own b_E stays zero and unused. They and r_mag learn at
+    `sae.gated_lr_factor` times the trainer's rate (see SAEConfig).
     """
+
+    unit_decoder = True
+    """As in the paper: decoder rows of unit norm, so the gate's L1 and its auxiliary reconstruction pin the
+    gate's scale (with free norms, W_E shrinks under the penalty faster than r_mag can make up for it)."""
 
     def __init__(self, cfg: "SAEConfig") -> None:
         super().__init__(cfg)
@@ -28,6 +33,9 @@ class Gated(ActivationFunction):
         self.r_mag = nn.Parameter(torch.zeros(cfg.d_sae, **kw))
         self.b_gate = nn.Parameter(torch.zeros(cfg.d_sae, **kw))
         self.b_mag = nn.Parameter(torch.zeros(cfg.d_sae, **kw))
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        return [{"params": [self.r_mag, self.b_gate, self.b_mag], "lr": lr * self.cfg.gated_lr_factor}]
 
     def pre_activations(self, x_BD: torch.Tensor, W_E_DS: torch.Tensor, b_E_S: torch.Tensor) -> torch.Tensor:
         return x_BD @ W_E_DS
