@@ -16,6 +16,7 @@ from typing import Any
 
 from rich.console import Console
 
+from lm_saes import distributed
 from lm_saes.activation import ActivationBatch
 from lm_saes.checkpoint import Checkpoint
 from lm_saes.formatting import format_value
@@ -97,14 +98,10 @@ def fit_together(members: list[Member], stream: Iterator[ActivationBatch]) -> No
 
 def _labelled_run(m: Member, batch_size: int, stream: Iterator[ActivationBatch]) -> _Run:
     m.sae.train()
-    run = _Run(m.cfg, TrainingPlan.of(m.cfg, batch_size), m.sae, stream, m.resume_from, m.wandb_run,
-               m.checkpoint_meta)
+    plan = TrainingPlan.of(m.cfg, batch_size)
     # Plain, labelled lines: one live progress bar per process is all a terminal can show.
-    run.progress.close()
-    progress = _LabelledProgress(m.label, run.plan.total_steps * batch_size, run.main)
-    progress.advance(run.state.tokens_seen)
-    run.progress = progress
-    return run
+    progress = _LabelledProgress(m.label, plan.total_steps * batch_size, distributed.is_main())
+    return _Run(m.cfg, plan, m.sae, stream, m.resume_from, m.wandb_run, m.checkpoint_meta, progress)
 
 
 def _advance(m: Member, run: _Run, batch: ActivationBatch, n_global: int, signal: Any,

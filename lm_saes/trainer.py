@@ -200,7 +200,9 @@ class _Run:
     def __init__(
         self, cfg: TrainerConfig, plan: TrainingPlan, sae: SparseAutoEncoder, stream: Iterator[ActivationBatch],
         resume_from: Checkpoint | None, wandb_run: Any | None, checkpoint_meta: dict[str, Any] | None,
+        progress: TokenProgress | None = None,
     ) -> None:
+        """`progress`: where its lines go (None: a progress bar of the whole run)."""
         self.cfg, self.plan, self.sae, self.stream, self.wandb_run = cfg, plan, sae, stream, wandb_run
         self.checkpoint_meta = checkpoint_meta or {}
         self.run_dir, self.world, self.main = Path(cfg.exp_result_path), distributed.world_size(), distributed.is_main()
@@ -214,8 +216,8 @@ class _Run:
                 unflatten_optimizer(resume_from.section("optimizer"), resume_from.meta["param_groups"]))
             self.state.load(resume_from)
         self.scheduler = _lr_scheduler(self.optimizer, plan, self.state.step)
-        self.progress = TokenProgress(plan.total_steps * plan.batch_size, f"training {sae.cfg.act_fn} SAE",
-                                      enabled=self.main)
+        self.progress = progress if progress is not None else TokenProgress(
+            plan.total_steps * plan.batch_size, f"training {sae.cfg.act_fn} SAE", enabled=self.main)
         self.progress.advance(self.state.tokens_seen)
         self.last_log: dict[str, float | int] = {}
         """The last log line's metrics: the final metrics, unless steps were done after it."""
