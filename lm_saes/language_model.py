@@ -11,6 +11,7 @@ import torch
 from lm_saes.config_base import BaseConfig, Device, DType, check_device_available
 from lm_saes.embedded_model import embedded_model_dir, is_embedded
 from lm_saes.errors import UserInputError
+from lm_saes.residual_forward import ResidualForward
 
 
 class LanguageModelConfig(BaseConfig):
@@ -37,13 +38,16 @@ class HookActivations:
 class TransformerLensLanguageModel:
     """A TransformerBridge plus its tokenizer, run only as deep as the hooks that were asked for."""
 
-    def __init__(self, cfg: LanguageModelConfig, bridge: Any | None = None) -> None:
+    def __init__(self, cfg: LanguageModelConfig, bridge: Any | None = None, fast_residual: bool = True) -> None:
+        """`fast_residual=False` reads every hook point through the bridge (the benchmark's reference)."""
         self.cfg = cfg
         self.bridge = bridge if bridge is not None else _boot(cfg)
         self.bridge.eval()
         self.tokenizer = self.bridge.tokenizer
         if self.tokenizer is None:
             raise ValueError("the model has no tokenizer; pass a bridge booted with one")
+        self.residual = ResidualForward.of(self.bridge) if fast_residual else None
+        """The plain-HF forward that serves residual-stream hook points; None: the bridge serves all."""
 
     @property
     def d_model(self) -> int:
@@ -92,12 +96,16 @@ class TransformerLensLanguageModel:
 
     @torch.no_grad()
     def run_hooks(self, tokens_BT: torch.Tensor, hook_points: Sequence[str]) -> HookActivations:
+        """The activations at `hook_points`, running the model only as deep as the deepest of them."""
         tokens_BT = tokens_BT.to(self.cfg.device)
-        _, cache = self.bridge.run_with_cache(
-            tokens_BT, names_filter=list(hook_points), stop_at_layer=self.stop_layer(hook_points)
-        )
-        # Index by the name asked for: an alias filter also stores the canonical key.
-        acts = {name: cache[name] for name in hook_points}
+        if self.residual is not None and self.residual.serves(hook_points):
+            acts = self.residual.run(tokens_BT, hook_points)
+        else:
+            _, cache = self.bridge.run_with_cache(
+                tokens_BT, names_filter=list(hook_points), stop_at_layer=self.stop_layer(hook_points)
+            )
+            # Index by the name asked for: an alias filter also stores the canonical key.
+            acts = {name: cache[name] for name in hook_points}
         return HookActivations(activations=acts, tokens_BT=tokens_BT, mask_BT=self.text_mask(tokens_BT))
 
     def text_mask(self, tokens_BT: torch.Tensor) -> torch.Tensor:
