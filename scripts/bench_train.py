@@ -4,6 +4,7 @@
     .venv/bin/python scripts/bench_train.py --only cache [--cache-tokens 50000]
     .venv/bin/python scripts/bench_train.py --only steps [--batch 4096] [--widths 8 32] [--act-fns relu topk]
     .venv/bin/python scripts/bench_train.py --only grouped [--cache-tokens 50000]
+    .venv/bin/python scripts/bench_train.py --only forward [--cache-tokens 50000] [--rounds 1]
 
 `--only steps` prints the trainer's SAE step for every act_fn, dense and sparse path, fp32 and bf16 autocast, at
 each width, with each row's ratio to its variant's dense fp32 step and a bare PyTorch loop of the ReLU math
@@ -15,6 +16,11 @@ absolute numbers only compare within one run on one machine.
 `--only grouped` times a 4-job sweep (relu and topk k=32 at 8x and 16x) three ways: separate jobs on the fly,
 one group (train_saes_together: one stream), and separate jobs from an activation cache (its generation
 included); wall clock, model loads included.
+`--only forward` runs `lm-saes train +sae=relu_8x` (defaults, on the fly) three ways in one process: the forward
+through TransformerBridge (the path before the residual fast path: `fast_residual=False`), the plain-HF residual
+forward in fp32, and the same with `model.dtype=bfloat16`; the rounds interleave the three. It prints training
+tokens/s (generation + SAE step, as the progress bar counts them), wall time with model load, EV and L0, each
+with its ratio to the bridge's.
 """
 
 from __future__ import annotations
@@ -375,6 +381,49 @@ def print_grouped_table(device: str, n_tokens: int) -> None:
     Console(width=140).print(table)
 
 
+FORWARD_WAYS = (("TransformerBridge forward (before)", False, "float32"), ("plain-HF residual forward", True, "float32"),
+                ("plain-HF residual forward", True, "bfloat16"))
+"""(label, fast_residual, model.dtype) of `--only forward`'s rows; the first is the reference."""
+
+
+def forward_run(device: str, n_tokens: int, run_dir: Path, fast_residual: bool, dtype: str) -> dict[str, float]:
+    """Training tokens/s, wall seconds (model load included), EV and L0 of one `lm-saes train +sae=relu_8x` run."""
+    import functools
+    import json
+    from unittest import mock
+
+    from lm_saes.cli.compose import compose_single_run
+    from lm_saes.cli.verbs import settings_from_config
+
+    overrides = ["+sae=relu_8x", f"trainer.total_training_tokens={n_tokens}", f"device={device}", f"model.dtype={dtype}"]
+    settings = settings_from_config(compose_single_run(overrides), run_dir=str(run_dir))
+    model_class = functools.partial(TransformerLensLanguageModel, fast_residual=fast_residual)
+    start = time.perf_counter()
+    with mock.patch("lm_saes.runners.train.TransformerLensLanguageModel", model_class):
+        train_sae(settings)
+    wall = time.perf_counter() - start
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return {"tps": metrics["tokens_per_second"], "wall": wall, "ev": metrics["explained_variance"], "l0": metrics["l0"]}
+
+
+def print_forward_table(device: str, n_tokens: int, rounds: int) -> None:
+    results: list[list[dict[str, float]]] = [[] for _ in FORWARD_WAYS]
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_ in range(rounds):
+            for i, (_, fast, dtype) in enumerate(FORWARD_WAYS):
+                results[i].append(forward_run(device, n_tokens, Path(tmp) / f"{round_}-{i}", fast, dtype))
+    median = [{k: sorted(r[k] for r in runs)[len(runs) // 2] for k in runs[0]} for runs in results]
+    table = Table(title=f"lm-saes train +sae=relu_8x end to end (SmolLM2-135M to blocks.6, on the fly), {n_tokens:,} "
+                        f"tokens, median of {rounds} interleaved round(s), on {machine(device)}")
+    for col in ("forward", "model dtype", "train tokens/s", "x before", "wall s (with load)", "x before", "EV", "L0"):
+        table.add_column(col, justify="left" if col in ("forward", "model dtype") else "right")
+    base = median[0]
+    for (label, _, dtype), row in zip(FORWARD_WAYS, median):
+        table.add_row(label, dtype, f"{row['tps']:,.0f}", f"{row['tps'] / base['tps']:.2f}", f"{row['wall']:,.1f}",
+                      f"{base['wall'] / row['wall']:.2f}", f"{row['ev']:.3f}", f"{row['l0']:.1f}")
+    Console(width=170).print(table)
+
+
 def machine(device: str) -> str:
     if device.startswith("cuda"):
         return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
@@ -393,10 +442,13 @@ def main() -> None:
     parser.add_argument("--gen-tokens", type=int, default=16384, help="tokens of activation generation to time")
     parser.add_argument("--steps", type=int, default=5, help="timed repeats of the SAE step and the matmul")
     parser.add_argument("--matmul-n", type=int, default=4096, help="size of the square matmul that sets the peak")
-    parser.add_argument("--only", choices=("all", "cache", "steps", "grouped"), default="all",
+    parser.add_argument("--only", choices=("all", "cache", "steps", "grouped", "forward"), default="all",
                         help="cache: only training from an activation cache vs on the fly; steps: only the SAE step "
-                             "table; grouped: only the 4-job sweep as separate jobs, one group, and from a cache")
-    parser.add_argument("--cache-tokens", type=int, default=50_000, help="training tokens for the cache comparison")
+                             "table; grouped: only the 4-job sweep as separate jobs, one group, and from a cache; "
+                             "forward: only lm-saes train end to end with the bridge's forward, the plain one, bf16")
+    parser.add_argument("--cache-tokens", type=int, default=50_000,
+                        help="training tokens for the cache, grouped and forward comparisons")
+    parser.add_argument("--rounds", type=int, default=1, help="forward: interleaved rounds of the three runs")
     parser.add_argument("--d-model", type=int, default=576, help="steps: the SAE's input width")
     parser.add_argument("--batch", type=int, default=4096, help="steps: rows per step")
     parser.add_argument("--widths", type=int, nargs="+", default=[8, 32], help="steps: expansion factors")
@@ -417,6 +469,9 @@ def main() -> None:
         return
     if args.only == "grouped":
         print_grouped_table(device, args.cache_tokens)
+        return
+    if args.only == "forward":
+        print_forward_table(device, args.cache_tokens, args.rounds)
         return
 
     peak = matmul_peak(device, args.matmul_n, args.steps)
