@@ -16,7 +16,8 @@ absolute numbers only compare within one run on one machine.
 `--only grouped` times a 4-job sweep (relu and topk k=32 at 8x and 16x) three ways: separate jobs on the fly,
 one group (train_saes_together: one stream), and separate jobs from an activation cache (its generation
 included); wall clock, model loads included.
-`--only forward` runs `lm-saes train +sae=relu_8x` (defaults, on the fly) three ways in one process: the forward
+`--only forward` times the model's forward alone to blocks.6 (interleaved call by call, `--steps` rounds), then
+runs `lm-saes train +sae=relu_8x` (defaults, on the fly) three ways in one process: the forward
 through TransformerBridge (the path before the residual fast path: `fast_residual=False`), the plain-HF residual
 forward in fp32, and the same with `model.dtype=bfloat16`; the rounds interleave the three. It prints training
 tokens/s (generation + SAE step, as the progress bar counts them), wall time with model load, EV and L0, each
@@ -406,7 +407,32 @@ def forward_run(device: str, n_tokens: int, run_dir: Path, fast_residual: bool, 
     return {"tps": metrics["tokens_per_second"], "wall": wall, "ev": metrics["explained_variance"], "l0": metrics["l0"]}
 
 
-def print_forward_table(device: str, n_tokens: int, rounds: int) -> None:
+def forward_alone(device: str, repeat: int, hook: str = "blocks.6.hook_resid_post") -> list[float]:
+    """Tokens/s of the model's forward alone to `hook` (8 contexts of 256 tokens of the built-in corpus), for each
+    of FORWARD_WAYS, timed interleaved call by call (`round_robin`)."""
+    from lm_saes.activation.packing import pack_documents
+
+    models = {dtype: TransformerLensLanguageModel(LanguageModelConfig(device=device, dtype=dtype))
+              for dtype in dict.fromkeys(dtype for _, _, dtype in FORWARD_WAYS)}
+    texts = (row["text"] for row in load_dataset(DatasetConfig()))
+    tokens_BT = torch.stack([c for _, c in zip(range(8), pack_documents(texts, models["float32"].tokenizer, 256))])
+
+    def forward(fast: bool, dtype: str) -> Callable[[], None]:
+        model = models[dtype]
+        residual = model.residual
+
+        def run() -> None:
+            model.residual = residual if fast else None
+            model.run_hooks(tokens_BT, [hook])
+            model.residual = residual
+        return run
+
+    seconds = round_robin([forward(fast, dtype) for _, fast, dtype in FORWARD_WAYS], device, repeat)
+    return [tokens_BT.numel() / sec for sec in seconds]
+
+
+def print_forward_table(device: str, n_tokens: int, rounds: int, repeat: int) -> None:
+    alone = forward_alone(device, repeat)
     results: list[list[dict[str, float]]] = [[] for _ in FORWARD_WAYS]
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(rounds):
@@ -415,12 +441,14 @@ def print_forward_table(device: str, n_tokens: int, rounds: int) -> None:
     median = [{k: sorted(r[k] for r in runs)[len(runs) // 2] for k in runs[0]} for runs in results]
     table = Table(title=f"lm-saes train +sae=relu_8x end to end (SmolLM2-135M to blocks.6, on the fly), {n_tokens:,} "
                         f"tokens, median of {rounds} interleaved round(s), on {machine(device)}")
-    for col in ("forward", "model dtype", "train tokens/s", "x before", "wall s (with load)", "x before", "EV", "L0"):
+    for col in ("forward", "model dtype", "forward alone tok/s", "x before", "train tokens/s", "x before",
+                "wall s (with load)", "x before", "EV", "L0"):
         table.add_column(col, justify="left" if col in ("forward", "model dtype") else "right")
     base = median[0]
-    for (label, _, dtype), row in zip(FORWARD_WAYS, median):
-        table.add_row(label, dtype, f"{row['tps']:,.0f}", f"{row['tps'] / base['tps']:.2f}", f"{row['wall']:,.1f}",
-                      f"{base['wall'] / row['wall']:.2f}", f"{row['ev']:.3f}", f"{row['l0']:.1f}")
+    for (label, _, dtype), row, fwd in zip(FORWARD_WAYS, median, alone):
+        table.add_row(label, dtype, f"{fwd:,.0f}", f"{fwd / alone[0]:.2f}", f"{row['tps']:,.0f}",
+                      f"{row['tps'] / base['tps']:.2f}", f"{row['wall']:,.1f}", f"{base['wall'] / row['wall']:.2f}",
+                      f"{row['ev']:.3f}", f"{row['l0']:.1f}")
     Console(width=170).print(table)
 
 
@@ -471,7 +499,7 @@ def main() -> None:
         print_grouped_table(device, args.cache_tokens)
         return
     if args.only == "forward":
-        print_forward_table(device, args.cache_tokens, args.rounds)
+        print_forward_table(device, args.cache_tokens, args.rounds, args.steps)
         return
 
     peak = matmul_peak(device, args.matmul_n, args.steps)
