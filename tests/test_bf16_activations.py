@@ -71,7 +71,8 @@ def train(batches: list[dict[str, torch.Tensor]], tmp_path) -> torch.nn.Module:
     sae_cfg = SAEConfig(hook_point_in=HOOK, d_model=576, expansion_factor=8, act_fn="relu")
     sae = Initializer(InitializerConfig()).initialize_sae_from_config(sae_cfg, stream)
     n = BATCH * (N_BATCHES - HELD_OUT - 2)
-    Trainer(TrainerConfig(total_training_tokens=n, exp_result_path=str(tmp_path), lr=3e-3, l1_coefficient=3.0)).fit(sae, stream)
+    trainer_cfg = TrainerConfig(total_training_tokens=n, exp_result_path=str(tmp_path), lr=3e-3, l1_coefficient=3.0)
+    Trainer(trainer_cfg).fit(sae, stream)
     return sae
 
 
