@@ -257,4 +257,14 @@ def test_matryoshka_prefixes_reconstruct_from_the_one_batch_selection() -> None:
     latents = af.batch_select(sae.pre_activations(x), 4)  # the whole dictionary's k x batch
     assert (latents > 0).sum() <= 4 * 64 and (latents[:, :16] > 0).any() and (latents[:, 32:] > 0).any()
     expected = [(latents[:, :m] @ sae.W_D[:m] + sae.b_D - x).pow(2).sum(-1).mean() for m in (16, 32, 128)]
-    assert out.loss.item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-5)
+    # by default each prefix weighs in proportion to its size
+    assert out.loss.item() == pytest.approx(sum(e.item() * m / 176 for e, m in zip(expected, (16, 32, 128))), rel=1e-5)
+    equal = _sae("matryoshka_batchtopk", matryoshka_prefixes=[16, 0.25], matryoshka_prefix_weights=[1, 1, 1])
+    equal.load_state_dict(sae.state_dict())
+    assert equal.compute_loss(x, x, 0.0).loss.item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("weights", [[1, 1], [1, -1, 1], [0, 0, 0]])
+def test_matryoshka_prefix_weights_are_one_per_prefix(weights) -> None:
+    with pytest.raises(ValueError, match=r"sae.matryoshka_prefix_weights=.*one non-negative weight per prefix, 3"):
+        _sae("matryoshka_batchtopk", matryoshka_prefixes=[16, 0.25], matryoshka_prefix_weights=weights)

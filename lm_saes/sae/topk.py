@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lm_saes import distributed
+from lm_saes.errors import UserInputError
 from lm_saes.sae.act_base import ActivationFunction
 from lm_saes.sae.sparse_topk import sparse_topk_encode
 
@@ -159,11 +160,11 @@ class MatryoshkaBatchTopK(BatchTopK):
     """BatchTopK whose nested prefixes of the dictionary (`sae.matryoshka_prefixes`) each reconstruct the input.
 
     As in Bussmann et al. (2025): one BatchTopK selection over the whole dictionary; prefix m reconstructs from
-    the selected latents among its first m; the loss is the mean of the prefixes' squared errors (so the total
-    keeps the scale of one reconstruction). Selecting k latents per prefix separately starves the later
-    latents instead (most die: mean max cosine 0.88 on the planted features, 70% dead). Known gap: every
-    prefix's term rewards the first latents, and on the built-in corpus a fifth of the 1/16 prefix's latents
-    turn dense (tests/test_embedded_training.py, xfail until fixed).
+    the selected latents among its first m. Selecting k latents per prefix separately starves the later latents
+    instead (most die: mean max cosine 0.88 on the planted features, 70% dead). The loss weighs each prefix's
+    squared error (`sae.matryoshka_prefix_weights`), by default in proportion to its size: with the paper's
+    equal weights every term rewards the first latents, and on the built-in corpus the SAE ends with twice the
+    dense latents of a plain BatchTopK one (tests/test_embedded_training.py).
     """
 
     selects_sparse = False  # every prefix reconstructs from the dense latents
@@ -173,11 +174,20 @@ class MatryoshkaBatchTopK(BatchTopK):
         sizes = {round(p * d_sae) if p < 1 else int(p) for p in self.cfg.matryoshka_prefixes or []}
         return sorted({min(max(s, 1), d_sae) for s in sizes} | {d_sae})
 
+    def prefix_weights(self) -> list[float]:
+        """Each prefix's weight in the loss, in prefix_sizes() order, summing to 1."""
+        sizes = self.prefix_sizes()
+        weights = self.cfg.matryoshka_prefix_weights or sizes
+        if len(weights) != len(sizes):
+            raise UserInputError("sae.matryoshka_prefixes", self.cfg.matryoshka_prefixes,
+                                 f"distinct prefix sizes, one per sae.matryoshka_prefix_weights (they give {sizes})")
+        return [w / sum(weights) for w in weights]
+
     def reconstruction_loss(self, pre_BS: torch.Tensor, latents_BS: torch.Tensor, W_D_SD: torch.Tensor,
                             b_D_D: torch.Tensor, target_BD: torch.Tensor) -> torch.Tensor | None:
-        losses, reconstruction_BD, start = [], b_D_D.expand_as(target_BD), 0
-        for m in self.prefix_sizes():  # each prefix adds its group's latents to the one before
+        loss, reconstruction_BD, start = 0.0, b_D_D.expand_as(target_BD), 0
+        for m, weight in zip(self.prefix_sizes(), self.prefix_weights()):  # each group adds to the prefix before
             reconstruction_BD = reconstruction_BD + latents_BS[:, start:m] @ W_D_SD[start:m]
-            losses.append((reconstruction_BD - target_BD).pow(2).sum(dim=-1).mean())
+            loss = loss + weight * (reconstruction_BD - target_BD).pow(2).sum(dim=-1).mean()
             start = m
-        return torch.stack(losses).mean()
+        return loss
