@@ -103,4 +103,4 @@ def test_no_matryoshka_prefix_collapses_into_dense_latents(embedded_batches, tmp
         evs = [explained_variance(held_out_ND, sae.decode(torch.nn.functional.pad(latents_NS[:, :m], (0, sae.cfg.d_sae - m))))
                for m in sae.activation_function.prefix_sizes()]
         ev_plain = explained_variance(held_out_ND, plain.decode(plain_latents_NS))
-    assert evs[0] > 0.5 and all(a < b for a, b in zip(evs, evs[1:])) and evs[-1] > ev_plain - 0.02, (evs, ev_plain)
+    assert evs[0] > 0.5 and all(a < b for a, b in itertools.pairwise(evs)) and evs[-1] > ev_plain - 0.02, (evs, ev_plain)
