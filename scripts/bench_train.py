@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import lm_saes  # noqa: F401, I001  (before torch: it sets OpenMP's wait policy, which torch reads as it loads)
 import torch
 from rich.console import Console
 from rich.table import Table
