@@ -15,7 +15,6 @@ handed to autograd with the usual dense backward, so a dense step does not multi
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -78,26 +77,58 @@ class _SparseDecode(torch.autograd.Function):
         return grad_values, grad_W_D, None, None, None
 
 
-def csr_from_flat(flat_N: torch.Tensor, batch: int, d_sae: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(rows, cols, offsets) of flat indices into a (batch, d_sae) matrix, rows ascending (within a row, any order)."""
-    rows_N, cols_N = flat_N // d_sae, flat_N % d_sae
-    counts_B = torch.zeros(batch, dtype=torch.long, device=flat_N.device).index_add_(0, rows_N, torch.ones_like(rows_N))
-    return rows_N, cols_N, counts_B.cumsum(0) - counts_B
+class Entries(NamedTuple):
+    """Entries of a (batch, d_sae) matrix of pre-activations, rows ascending (within a row, any order)."""
+
+    rows_N: torch.Tensor
+    cols_N: torch.Tensor
+    pre_N: torch.Tensor
+    """The pre-activations there."""
+
+    @classmethod
+    def from_flat(cls, pre_BS: torch.Tensor, flat_N: torch.Tensor) -> "Entries":
+        """At sorted flat indices into pre_BS.flatten()."""
+        d_sae = pre_BS.shape[1]
+        return cls(flat_N // d_sae, flat_N % d_sae, pre_BS.flatten()[flat_N])
+
+
+def row_offsets(rows_N: torch.Tensor, batch: int) -> torch.Tensor:
+    """Where each row's entries start in a list sorted by row (CSR's row pointers, less the last)."""
+    counts_B = torch.bincount(rows_N, minlength=batch)
+    return counts_B.cumsum(0) - counts_B
 
 
 DENSITY_SAMPLE_ROWS = 256
 """Rows of the batch whose density decides the path: counting the whole batch costs a dense step a tenth of its
 time, a sample of this size a hundredth; either path is exact, so an estimate only moves the crossover."""
 
+SELECT_GROUP = 8
+"""Latents per group in `entries_above`'s first pass. A comparison over every entry writes a (batch, d_sae) mask
+that `nonzero` then reads again (together about the encoder's forward on a CPU); the group maxima read the matrix
+once and write an eighth of it, and with ~1% of latents above their cut about a tenth of the groups are read again."""
 
-def flat_entries(pre_BS: torch.Tensor, select: Callable[[torch.Tensor], torch.Tensor],
-                 max_density: float) -> torch.Tensor | None:
-    """Sorted flat indices of the entries where `select(pre)` is true, or None when more than `max_density` of
-    a sample of rows are (a dense step is then cheaper). One host sync: the count decides the path."""
-    sample_RS = select(pre_BS[:DENSITY_SAMPLE_ROWS])
+
+def entries_above(pre_BS: torch.Tensor, cut_S: torch.Tensor, max_density: float) -> Entries | None:
+    """The entries where pre > cut (a scalar, or one cut per latent), or None when more than `max_density` of a
+    sample of rows are (a dense step is then cheaper). One host sync: the count decides the path.
+
+    Group j holds latents j, j + d_sae/8, ...: strided, so its maximum is an elementwise maximum of contiguous
+    slices, and the groups that may hold an entry come out row by row, as do their members that do. A group is
+    read again when its largest pre-activation exceeds its smallest cut, so no entry is missed; the members are
+    then compared with their own cuts, the same comparison as over the dense matrix."""
+    batch, d_sae = pre_BS.shape
+    sample_RS = pre_BS[:DENSITY_SAMPLE_ROWS] > cut_S
     if int(torch.count_nonzero(sample_RS)) > max_density * sample_RS.numel():
         return None
-    return select(pre_BS).flatten().nonzero().squeeze(1)
+    group = SELECT_GROUP if d_sae % SELECT_GROUP == 0 else 1
+    n_groups = d_sae // group
+    pre_BgG = pre_BS.view(batch, group, n_groups)
+    cut_gG = cut_S.expand(d_sae).view(group, n_groups)
+    rows_H, groups_H = (pre_BgG.amax(dim=1) > cut_gG.amin(dim=0)).nonzero().unbind(1)
+    pre_Hg = pre_BgG[rows_H, :, groups_H]
+    cut_Hg = cut_S if cut_S.dim() == 0 else cut_gG[:, groups_H].T
+    hits_N, members_N = (pre_Hg > cut_Hg).nonzero().unbind(1)
+    return Entries(rows_H[hits_N], members_N * n_groups + groups_H[hits_N], pre_Hg[hits_N, members_N])
 
 
 def encoder_grads(
@@ -120,12 +151,14 @@ def encoder_grads(
 
 
 class _SparsePre(torch.autograd.Function):
-    """pre[rows, cols] of pre-activations computed without autograd; backward: encoder_grads."""
+    """Pre-activations at selected entries, computed without autograd (returned as the caller's own tensor, as
+    `_DensePre` does); backward: encoder_grads."""
 
     @staticmethod
-    def forward(ctx, x_BD, W_E_DS, b_E_S, pre_BS, rows_N, cols_N, offsets_B):  # type: ignore[override]
+    def forward(ctx, x_BD, W_E_DS, b_E_S, pre_N, rows_N, cols_N, offsets_B):  # type: ignore[override]
+        ctx.mark_dirty(pre_N)
         ctx.save_for_backward(x_BD, W_E_DS, rows_N, cols_N, offsets_B)
-        return pre_BS[rows_N, cols_N]
+        return pre_N
 
     @staticmethod
     def backward(ctx, grad_N):  # type: ignore[override]
@@ -168,8 +201,9 @@ def dense_pre(x_BD: torch.Tensor, W_E_DS: torch.Tensor, b_E_S: torch.Tensor, pre
     return _DensePre.apply(x_BD, W_E_DS, b_E_S, pre_BS)
 
 
-def sparse_pre(x_BD: torch.Tensor, W_E_DS: torch.Tensor, b_E_S: torch.Tensor, pre_BS: torch.Tensor,
-               flat_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(pre_N, rows, cols, offsets) at the sorted flat indices `flat_N`, with the sparse encoder backward."""
-    rows_N, cols_N, offsets_B = csr_from_flat(flat_N, *pre_BS.shape)
-    return _SparsePre.apply(x_BD, W_E_DS, b_E_S, pre_BS, rows_N, cols_N, offsets_B), rows_N, cols_N, offsets_B
+def sparse_pre(x_BD: torch.Tensor, W_E_DS: torch.Tensor, b_E_S: torch.Tensor,
+               entries: Entries) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(pre_N, rows, cols, offsets) of the selected entries, pre_N with the sparse encoder backward."""
+    rows_N, cols_N, pre_N = entries
+    offsets_B = row_offsets(rows_N, x_BD.shape[0])
+    return _SparsePre.apply(x_BD, W_E_DS, b_E_S, pre_N, rows_N, cols_N, offsets_B), rows_N, cols_N, offsets_B
