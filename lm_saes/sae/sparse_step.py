@@ -41,15 +41,17 @@ class SparseLatents(NamedTuple):
         return torch.bincount(self.cols_N[self.values_N != 0], minlength=d_sae)
 
 
-def _transposed(values_N: torch.Tensor, rows_N: torch.Tensor, cols_N: torch.Tensor, batch: int, d_sae: int) -> torch.Tensor:
-    """The (d_sae, batch) transpose of the selected entries as a COO matrix, left uncoalesced: sparse.mm
-    scatters it row by row without sorting (sorting costs more than the product on a CPU). Entries that are
-    zero (JumpReLU's window below the threshold: selected for their gradient, often most of the list) are
-    dropped first."""
+def transposed_product(values_N: torch.Tensor, rows_N: torch.Tensor, cols_N: torch.Tensor, dense_BD: torch.Tensor,
+                       d_sae: int) -> torch.Tensor:
+    """(d_sae, d) G^T dense, G the sparse (batch, d_sae) matrix of the entries. G^T is a COO matrix left
+    uncoalesced: the product scatters it row by row without sorting (sorting costs more than the product on a
+    CPU), into an output it zeroes once (sparse.mm zeroes a fresh one, then again inside). Entries that are zero
+    (JumpReLU's window below the threshold: selected for their gradient, often most of the list) are dropped first."""
     nonzero_N = values_N != 0
     if not bool(nonzero_N.all()):
         values_N, rows_N, cols_N = values_N[nonzero_N], rows_N[nonzero_N], cols_N[nonzero_N]
-    return torch.sparse_coo_tensor(torch.stack([cols_N, rows_N]), values_N, (d_sae, batch), check_invariants=False)
+    G_T = torch.sparse_coo_tensor(torch.stack([cols_N, rows_N]), values_N, (d_sae, len(dense_BD)), check_invariants=False)
+    return torch.addmm(dense_BD.new_empty(d_sae, dense_BD.shape[1]), G_T, dense_BD, beta=0.0)
 
 
 class _SparseDecode(torch.autograd.Function):
@@ -69,11 +71,12 @@ class _SparseDecode(torch.autograd.Function):
         if ctx.needs_input_grad[0]:  # <grad[row], W_D[col]> at each entry: a sampled dense-dense product
             with warnings.catch_warnings():  # "CSR support is in beta": sampled_addmm has been stable since 1.13
                 warnings.simplefilter("ignore", UserWarning)
-                pattern = torch.sparse_csr_tensor(torch.cat([offsets_B, offsets_B.new_tensor([len(cols_N)])]), cols_N,
-                                                  values_N, (batch, d_sae), check_invariants=False)
-            grad_values = torch.sparse.sampled_addmm(pattern, grad_BD.contiguous(), W_D_SD.T, beta=0.0).values()
+                # written into itself, so no copy of the pattern is made; zeros, as beta * NaN is NaN
+                out = torch.sparse_csr_tensor(torch.cat([offsets_B, offsets_B.new_tensor([len(cols_N)])]), cols_N,
+                                              torch.zeros_like(values_N), (batch, d_sae), check_invariants=False)
+            grad_values = torch.sparse.sampled_addmm(out, grad_BD.contiguous(), W_D_SD.T, beta=0.0, out=out).values()
         if ctx.needs_input_grad[1]:
-            grad_W_D = torch.sparse.mm(_transposed(values_N, rows_N, cols_N, batch, d_sae), grad_BD)
+            grad_W_D = transposed_product(values_N, rows_N, cols_N, grad_BD, d_sae)
         return grad_values, grad_W_D, None, None, None
 
 
@@ -137,14 +140,14 @@ def encoder_grads(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(grad x, grad W_E, grad b_E) of pre = x W_E + b_E from the pre-activations' gradient at the selected entries."""
     grad_N = grad_N.to(x_BD.dtype)  # autocast: the sparse products run at the weights' precision
-    batch, d_sae = x_BD.shape[0], W_E_DS.shape[1]
+    d_sae = W_E_DS.shape[1]
     grad_x = grad_W_E = grad_b_E = None
     if needs_input_grad[0]:
         # grad_x[b] = sum over b's entries of g * W_E[:, col]: a weighted bag of W_E's columns.
         grad_x = F.embedding_bag(cols_N, W_E_DS.T.contiguous(), offsets_B, mode="sum", per_sample_weights=grad_N)
     if needs_input_grad[1]:
         # grad_W_E = x^T G with G the sparse (batch x d_sae) gradient: (G^T x)^T as a sparse-dense product.
-        grad_W_E = torch.sparse.mm(_transposed(grad_N, rows_N, cols_N, batch, d_sae), x_BD).T
+        grad_W_E = transposed_product(grad_N, rows_N, cols_N, x_BD, d_sae).T
     if needs_input_grad[2]:
         grad_b_E = torch.zeros(d_sae, dtype=grad_N.dtype, device=grad_N.device).index_add_(0, cols_N, grad_N)
     return grad_x, grad_W_E, grad_b_E
