@@ -6,6 +6,7 @@ import torch
 from lm_saes import SAEConfig, SparseAutoEncoder
 from lm_saes.sae.activation_functions import ACTIVATION_FUNCTIONS
 from lm_saes.sae.sparse_step import entries_above
+from lm_saes.sae.sparse_topk import row_topk
 
 ALL_ACT_FNS = sorted(ACTIVATION_FUNCTIONS)
 
@@ -80,6 +81,16 @@ def test_sparse_topk_matches_the_dense_reference_in_outputs_and_gradients() -> N
     torch.testing.assert_close(results[True][0], results[False][0])
     for name in results[False][1]:
         torch.testing.assert_close(results[True][1][name], results[False][1][name], msg=name)
+
+
+@pytest.mark.parametrize(("d_sae", "k"), [(256, 5), (256, 40), (100, 5)])  # 40*8 > 256 and 100 % 8: plain topk
+def test_row_topk_finds_each_rows_k_largest(d_sae: int, k: int) -> None:
+    pre_BS = torch.randn(50, d_sae, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    pre_BS[0, ::32] += 10  # row 0's k largest all in one group (group j holds latents j, j + d_sae/8, ...)
+    values_BK, indices_BK = row_topk(pre_BS, k)
+    expected_BK = pre_BS.topk(k, dim=-1).indices
+    assert torch.equal(indices_BK.sort(dim=-1).values, expected_BK.sort(dim=-1).values)
+    assert torch.equal(values_BK, pre_BS.gather(1, indices_BK))
 
 
 SPARSE_STEP_CASES = [("relu", {}), ("jumprelu", {"jumprelu_sparsity": "tanh"}), ("jumprelu", {"jumprelu_sparsity": "l0"}),
