@@ -41,31 +41,39 @@ class SparseLatents(NamedTuple):
         return torch.bincount(self.cols_N[self.values_N != 0], minlength=d_sae)
 
 
+def nonzero_entries(values_N: torch.Tensor, *indices_N: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(values, *indices) at the entries whose value is not zero (JumpReLU's window below the threshold: selected
+    for its gradient, often most of the list); the same tensors when every one is. One `nonzero`, one host sync."""
+    kept_M = values_N.nonzero().squeeze(1)
+    if len(kept_M) == len(values_N):
+        return values_N, *indices_N
+    return tuple(t.index_select(0, kept_M) for t in (values_N, *indices_N))
+
+
 def transposed_product(values_N: torch.Tensor, rows_N: torch.Tensor, cols_N: torch.Tensor, dense_BD: torch.Tensor,
                        d_sae: int) -> torch.Tensor:
-    """(d_sae, d) G^T dense, G the sparse (batch, d_sae) matrix of the entries. G^T is a COO matrix left
-    uncoalesced: the product scatters it row by row without sorting (sorting costs more than the product on a
-    CPU), into an output it zeroes once (sparse.mm zeroes a fresh one, then again inside). Entries that are zero
-    (JumpReLU's window below the threshold: selected for their gradient, often most of the list) are dropped first."""
-    nonzero_N = values_N != 0
-    if not bool(nonzero_N.all()):
-        values_N, rows_N, cols_N = values_N[nonzero_N], rows_N[nonzero_N], cols_N[nonzero_N]
+    """(d_sae, d) G^T dense, G the sparse (batch, d_sae) matrix of the entries, zero ones dropped by the caller. G^T
+    is a COO matrix left uncoalesced: the product scatters it row by row without sorting (sorting costs more than
+    the product on a CPU), into an output it zeroes once (sparse.mm zeroes a fresh one, then again inside)."""
     G_T = torch.sparse_coo_tensor(torch.stack([cols_N, rows_N]), values_N, (d_sae, len(dense_BD)), check_invariants=False)
     return torch.addmm(dense_BD.new_empty(d_sae, dense_BD.shape[1]), G_T, dense_BD, beta=0.0)
 
 
 class _SparseDecode(torch.autograd.Function):
-    """embedding_bag's forward; a backward that never sorts (embedding_bag's own sorts the indices for W's
-    gradient, several times the cost of the products on a CPU)."""
+    """embedding_bag's forward over the non-zero entries; a backward that never sorts (embedding_bag's own sorts
+    the indices for W's gradient, several times the cost of the products on a CPU). The values' gradient is taken
+    at every entry (a zero one's moves JumpReLU's threshold); W_D's only from the non-zero ones."""
 
     @staticmethod
     def forward(ctx, values_N, W_D_SD, rows_N, cols_N, offsets_B):  # type: ignore[override]
-        ctx.save_for_backward(values_N, W_D_SD, rows_N, cols_N, offsets_B)
-        return F.embedding_bag(cols_N, W_D_SD, offsets_B, mode="sum", per_sample_weights=values_N)
+        nz_values_M, nz_rows_M, nz_cols_M = nonzero_entries(values_N, rows_N, cols_N)
+        nz_offsets_B = offsets_B if len(nz_values_M) == len(values_N) else row_offsets(nz_rows_M, len(offsets_B))
+        ctx.save_for_backward(W_D_SD, cols_N, offsets_B, nz_values_M, nz_rows_M, nz_cols_M)
+        return F.embedding_bag(nz_cols_M, W_D_SD, nz_offsets_B, mode="sum", per_sample_weights=nz_values_M)
 
     @staticmethod
     def backward(ctx, grad_BD):  # type: ignore[override]
-        values_N, W_D_SD, rows_N, cols_N, offsets_B = ctx.saved_tensors
+        W_D_SD, cols_N, offsets_B, nz_values_M, nz_rows_M, nz_cols_M = ctx.saved_tensors
         batch, d_sae = len(offsets_B), W_D_SD.shape[0]
         grad_values = grad_W_D = None
         if ctx.needs_input_grad[0]:  # <grad[row], W_D[col]> at each entry: a sampled dense-dense product
@@ -73,10 +81,10 @@ class _SparseDecode(torch.autograd.Function):
                 warnings.simplefilter("ignore", UserWarning)
                 # written into itself, so no copy of the pattern is made; zeros, as beta * NaN is NaN
                 out = torch.sparse_csr_tensor(torch.cat([offsets_B, offsets_B.new_tensor([len(cols_N)])]), cols_N,
-                                              torch.zeros_like(values_N), (batch, d_sae), check_invariants=False)
+                                              W_D_SD.new_zeros(len(cols_N)), (batch, d_sae), check_invariants=False)
             grad_values = torch.sparse.sampled_addmm(out, grad_BD.contiguous(), W_D_SD.T, beta=0.0, out=out).values()
         if ctx.needs_input_grad[1]:
-            grad_W_D = transposed_product(values_N, rows_N, cols_N, grad_BD, d_sae)
+            grad_W_D = transposed_product(nz_values_M, nz_rows_M, nz_cols_M, grad_BD, d_sae)
         return grad_values, grad_W_D, None, None, None
 
 
@@ -129,7 +137,7 @@ def entries_above(pre_BS: torch.Tensor, cut_S: torch.Tensor, max_density: float)
     cut_gG = cut_S.expand(d_sae).view(group, n_groups)
     rows_H, groups_H = (pre_BgG.amax(dim=1) > cut_gG.amin(dim=0)).nonzero().unbind(1)
     pre_Hg = pre_BgG[rows_H, :, groups_H]
-    cut_Hg = cut_S if cut_S.dim() == 0 else cut_gG[:, groups_H].T
+    cut_Hg = cut_S if cut_S.dim() == 0 else cut_gG.T.contiguous()[groups_H]
     hits_N, members_N = (pre_Hg > cut_Hg).nonzero().unbind(1)
     return Entries(rows_H[hits_N], members_N * n_groups + groups_H[hits_N], pre_Hg[hits_N, members_N])
 
@@ -147,7 +155,7 @@ def encoder_grads(
         grad_x = F.embedding_bag(cols_N, W_E_DS.T.contiguous(), offsets_B, mode="sum", per_sample_weights=grad_N)
     if needs_input_grad[1]:
         # grad_W_E = x^T G with G the sparse (batch x d_sae) gradient: (G^T x)^T as a sparse-dense product.
-        grad_W_E = transposed_product(grad_N, rows_N, cols_N, x_BD, d_sae).T
+        grad_W_E = transposed_product(*nonzero_entries(grad_N, rows_N, cols_N), x_BD, d_sae).T
     if needs_input_grad[2]:
         grad_b_E = torch.zeros(d_sae, dtype=grad_N.dtype, device=grad_N.device).index_add_(0, cols_N, grad_N)
     return grad_x, grad_W_E, grad_b_E
