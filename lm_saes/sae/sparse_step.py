@@ -4,7 +4,8 @@ the TopK path in sparse_topk.py).
 The encoder's forward stays dense: every pre-activation is needed to know which latents fire. The variant then
 names the entries of the (batch, d_sae) latents the step needs (those that fire, plus any whose gradient is not
 zero although they do not fire, e.g. JumpReLU's below-threshold window), as a CSR-style list sorted by row:
-values, rows, cols and each row's offset. Everything after that touches only those entries: the decoder is an
+values, rows, cols and each row's offset; ReLU and JumpReLU name them by a cut per latent (`entries_above`, which
+reads the dense matrix once, by group maxima). Everything after that touches only those entries: the decoder is an
 `embedding_bag` over the selected rows of W_D, and the encoder's backward multiplies a sparse (batch x d_sae)
 gradient into dense matrices, never forming a tokens x d_sae tensor.
 
