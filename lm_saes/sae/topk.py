@@ -10,6 +10,7 @@ import torch
 from lm_saes import distributed
 from lm_saes.errors import UserInputError
 from lm_saes.sae.act_base import ActivationFunction
+from lm_saes.sae.sparse_step import Entries
 from lm_saes.sae.sparse_topk import sparse_topk_encode
 
 if TYPE_CHECKING:
@@ -87,7 +88,7 @@ class BatchTopK(TopK):
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None  # tokens share the batch's budget: no per-token k; the generic sparse step selects instead
 
-    def sparse_select(self, pre_BS: torch.Tensor, max_density: float) -> torch.Tensor | None:
+    def sparse_select(self, pre_BS: torch.Tensor, max_density: float) -> Entries | None:
         if not self.training or self.k > max_density * pre_BS.shape[1]:
             return None
         return self._sparse_batch_topk(pre_BS, self.k)
@@ -105,8 +106,8 @@ class BatchTopK(TopK):
         values, indices = self._batch_topk(pre_BS, k, learn_threshold)
         return torch.zeros_like(pre_BS).flatten().scatter(0, indices, values).view_as(pre_BS)
 
-    def _sparse_batch_topk(self, pre_BS: torch.Tensor, k: int) -> torch.Tensor:
-        """Flat indices, grouped by row, of the k*batch largest relu(pre), as `_batch_topk` selects them (the
+    def _sparse_batch_topk(self, pre_BS: torch.Tensor, k: int) -> Entries:
+        """The entries, rows ascending, of the k*batch largest relu(pre), as `_batch_topk` selects them (the
         threshold learns from the same values).
 
         Candidates are each row's 4k largest; the batch's top k*batch among them are the batch's own unless some
@@ -124,10 +125,10 @@ class BatchTopK(TopK):
                 self._update_threshold(values.float())
             keep_BM = torch.zeros(cand_BM.numel(), dtype=torch.bool, device=pre_BS.device).index_fill_(0, picked, True)
             rows_N, slots_N = keep_BM.view_as(cand_BM).nonzero().unbind(1)
-            return rows_N * d_sae + cols_BM[rows_N, slots_N]
+            return Entries(rows_N, cols_BM[rows_N, slots_N], cand_BM[rows_N, slots_N])
         _, indices = self._batch_topk(pre_BS, k, learn_threshold=True)
         keep = torch.zeros(pre_BS.numel(), dtype=torch.bool, device=pre_BS.device).index_fill_(0, indices, True)
-        return keep.nonzero().squeeze(1)
+        return Entries.from_flat(pre_BS, keep.nonzero().squeeze(1))
 
     def _batch_topk(self, pre_BS: torch.Tensor, k: int, learn_threshold: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, flat indices) of the k*batch largest relu(pre); with `learn_threshold`, updates the threshold."""
