@@ -8,7 +8,8 @@
 
 `--only steps` prints the trainer's SAE step for every act_fn, dense and sparse path, fp32 and bf16 autocast, at
 each width, with each row's ratio to its variant's dense fp32 step and a bare PyTorch loop of the ReLU math
-(on cuda also MFU against the GPU's bf16 peak).
+(on cuda also MFU against the GPU's bf16 peak); with topk among the act_fns, then where the sparse TopK step's
+time goes, phase by phase, against one dense encoder matmul of the same shape (the bound of a sparse step).
 
 Prints one table; `--only cache` prints only training tokens/s from an activation cache against on the fly
 (`lm-saes train` defaults, relu 8x at blocks.6, the same tokens in the same order). Quote the ratios (fraction of peak, generation vs SAE step) together with the machine line;
@@ -34,6 +35,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import lm_saes  # noqa: F401, I001  (before torch: it sets OpenMP's wait policy, which torch reads as it loads)
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -56,6 +58,7 @@ from lm_saes import (
     train_saes_together,
 )
 from lm_saes.sae.activation_functions import ACTIVATION_FUNCTIONS
+from lm_saes.sae.sparse_topk import row_topk
 
 
 def sync(device: str) -> None:
@@ -127,11 +130,10 @@ def trained_like(sae: SparseAutoEncoder, x_BD: torch.Tensor, l0: int) -> None:
             sae.b_E.add_(sae.activation_function.threshold_S)
 
 
-def trainer_step(device: str, d_model: int, expansion: int, batch: int, act_fn: str, sparse: bool, amp: str,
-                 run_dir: str, l0: int = 48) -> tuple[Callable[[], None], Callable[[], float]]:
-    """(one step, the selected latents per token) of the trainer's own step (lm_saes.trainer: loss, backward,
-    Adam, the per-step metrics). The SAE is trained-like (about `l0` latents fire per token; k=32 for the TopK
-    family), and the dense rows run the same state through the dense path; a tiny lr keeps the state put."""
+def trainer_case(device: str, d_model: int, expansion: int, batch: int, act_fn: str, sparse: bool, amp: str,
+                 run_dir: str, l0: int = 48):  # noqa: ANN201
+    """(sae, the trainer's run on it, a batch, the trainer config): a trained-like SAE (about `l0` latents fire
+    per token; k=32 for the TopK family); a tiny lr keeps the state put."""
     from lm_saes.trainer import TrainingPlan, _Run
 
     key = SPARSE_PATHS.get(act_fn)
@@ -147,7 +149,15 @@ def trainer_step(device: str, d_model: int, expansion: int, batch: int, act_fn: 
                          l1_coefficient=1.0, log_frequency=10_000)
     run = _Run(tcfg, TrainingPlan.of(tcfg, batch), sae, iter([]), None, None, None)
     run.progress.close()
-    batch_dict = {"x": x, "tokens": torch.zeros(batch, dtype=torch.long)}
+    return sae, run, {"x": x, "tokens": torch.zeros(batch, dtype=torch.long)}, tcfg
+
+
+def trainer_step(device: str, d_model: int, expansion: int, batch: int, act_fn: str, sparse: bool, amp: str,
+                 run_dir: str, l0: int = 48) -> tuple[Callable[[], None], Callable[[], float]]:
+    """(one step, the selected latents per token) of the trainer's own step (lm_saes.trainer: loss, backward,
+    Adam, the per-step metrics) on `trainer_case`'s SAE; the dense rows run the same state through the dense path."""
+    sae, run, batch_dict, tcfg = trainer_case(device, d_model, expansion, batch, act_fn, sparse, amp, run_dir, l0)
+    x = batch_dict["x"]
 
     def selected() -> float:
         with torch.autocast(device_type=torch.device(device).type, dtype=tcfg.amp_dtype,
@@ -229,6 +239,49 @@ def width_rows(device: str, d_model: int, expansion: int, batch: int, steps: int
     return rows
 
 
+TOPK_PHASES = ("encoder matmul x W_E + b_E (the bound)", "+ top-k (sparse_topk.row_topk)", "forward (compute_loss)",
+               "+ backward", "+ Adam and the unit-norm decoder", "trainer step (+ per-step metrics)")
+"""`topk_phases`' cumulative timings, each one a prefix of the next."""
+
+
+def topk_phases(device: str, d_model: int, expansion: int, batch: int, steps: int, run_dir: str) -> list[float]:
+    """Seconds of each of TOPK_PHASES for the sparse TopK step (k=32, fp32), timed interleaved in one run: each
+    phase runs everything before it too, so the differences are what each phase adds."""
+    sae, run, batch_dict, _ = trainer_case(device, d_model, expansion, batch, "topk", True, "float32", run_dir)
+    x, k = batch_dict["x"], sae.activation_function.k
+
+    def matmul() -> torch.Tensor:
+        with torch.no_grad():
+            return torch.addmm(sae.b_E, x, sae.W_E)
+
+    def forward():  # noqa: ANN202
+        run.optimizer.zero_grad(set_to_none=True)
+        return sae.compute_loss(x, x, 1.0, dead_S=run.state.tokens_since_fired_S >= run.plan.dead_window)
+
+    def adam() -> None:
+        forward().loss.backward()
+        sae.before_optimizer_step()
+        run.optimizer.step()
+        sae.after_optimizer_step()
+
+    return round_robin([matmul, lambda: row_topk(matmul(), k), forward,
+                        lambda: forward().loss.backward(), adam,
+                        lambda: run.record(run.step(batch_dict, batch, preempted=False))], device, steps)
+
+
+def print_topk_phases(device: str, d_model: int, widths: list[int], batch: int, steps: int, run_dir: str) -> None:
+    table = Table(title=f"Where the sparse TopK step's time goes (k=32, fp32, d_model {d_model}, batch {batch}): "
+                        "cumulative phases, interleaved in one run")
+    for col in ("width", "phase", "ms", "x matmul", "phase adds (ms)"):
+        table.add_column(col, justify="left" if col == "phase" else "right")
+    for expansion in widths:
+        seconds = topk_phases(device, d_model, expansion, batch, steps, run_dir)
+        for i, (phase, sec) in enumerate(zip(TOPK_PHASES, seconds)):
+            table.add_row(f"{expansion}x", phase, f"{sec * 1e3:,.0f}", f"{sec / seconds[0]:.2f}",
+                          f"{(sec - seconds[i - 1]) * 1e3:,.0f}" if i else "")
+    Console(width=170).print(table)
+
+
 def print_step_table(device: str, d_model: int, widths: list[int], batch: int, steps: int, act_fns: list[str],
                      amps: list[str], peak_tflops: float | None) -> None:
     rows: list[tuple[int, str, bool, str, float, float]] = []
@@ -249,6 +302,9 @@ def print_step_table(device: str, d_model: int, widths: list[int], batch: int, s
         table.add_row(f"{expansion}x", act_fn, "sparse" if sparse else "dense", "bf16" if amp == "bfloat16" else "fp32",
                       f"{tps:,.0f}", f"{tps / base:.2f}" if base else "", f"{selected:.0f}" if known else "", *mfu)
     Console(width=170).print(table)
+    if "topk" in act_fns:
+        with tempfile.TemporaryDirectory() as run_dir:
+            print_topk_phases(device, d_model, widths, batch, steps, run_dir)
 
 
 def gpu_peak_tflops(device: str) -> float | None:

@@ -5,6 +5,8 @@ import torch
 
 from lm_saes import SAEConfig, SparseAutoEncoder
 from lm_saes.sae.activation_functions import ACTIVATION_FUNCTIONS
+from lm_saes.sae.sparse_step import entries_above
+from lm_saes.sae.sparse_topk import row_topk
 
 ALL_ACT_FNS = sorted(ACTIVATION_FUNCTIONS)
 
@@ -81,6 +83,16 @@ def test_sparse_topk_matches_the_dense_reference_in_outputs_and_gradients() -> N
         torch.testing.assert_close(results[True][1][name], results[False][1][name], msg=name)
 
 
+@pytest.mark.parametrize(("d_sae", "k"), [(256, 5), (256, 40), (100, 5)])  # 40*8 > 256 and 100 % 8: plain topk
+def test_row_topk_finds_each_rows_k_largest(d_sae: int, k: int) -> None:
+    pre_BS = torch.randn(50, d_sae, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    pre_BS[0, ::32] += 10  # row 0's k largest all in one group (group j holds latents j, j + d_sae/8, ...)
+    values_BK, indices_BK = row_topk(pre_BS, k)
+    expected_BK = pre_BS.topk(k, dim=-1).indices
+    assert torch.equal(indices_BK.sort(dim=-1).values, expected_BK.sort(dim=-1).values)
+    assert torch.equal(values_BK, pre_BS.gather(1, indices_BK))
+
+
 SPARSE_STEP_CASES = [("relu", {}), ("jumprelu", {"jumprelu_sparsity": "tanh"}), ("jumprelu", {"jumprelu_sparsity": "l0"}),
                      ("batchtopk", {})]
 
@@ -135,6 +147,24 @@ def test_batchtopk_sparse_step_selects_the_batch_top_k(one_loud_row: bool) -> No
     assert saes[1.0].activation_function.threshold.item() > 0
     kept_by_row_0 = int((outs[0.0].latents_BS[0] > 0).sum())
     assert (kept_by_row_0 > 16) == one_loud_row  # 16 = the 4k the row offers
+
+
+@pytest.mark.parametrize("d_sae", [96, 100])  # 100: not a multiple of the group size, one latent per group
+@pytest.mark.parametrize("per_latent_cut", [False, True])
+def test_entries_above_finds_every_entry_over_its_cut_row_by_row(d_sae: int, per_latent_cut: bool) -> None:
+    g = torch.Generator().manual_seed(4)
+    pre_BS = torch.randn(40, d_sae, dtype=torch.float64, generator=g)
+    # cuts spread widely, so that a group's smallest cut lets through members that are below their own
+    cut_S = torch.rand(d_sae, dtype=torch.float64, generator=g) * 3 if per_latent_cut else pre_BS.new_tensor(1.5)
+    entries = entries_above(pre_BS, cut_S, max_density=1.0)
+    assert entries is not None
+    expected = (pre_BS > cut_S).nonzero()
+    assert 0 < len(expected) < pre_BS.numel() // 5
+    assert torch.all(entries.rows_N[1:] >= entries.rows_N[:-1])  # rows ascending: a CSR list
+    order = (entries.rows_N * d_sae + entries.cols_N).argsort()
+    torch.testing.assert_close(torch.stack([entries.rows_N, entries.cols_N], 1)[order], expected, rtol=0, atol=0)
+    torch.testing.assert_close(entries.pre_N[order], pre_BS[expected[:, 0], expected[:, 1]], rtol=0, atol=0)
+    assert entries_above(pre_BS, cut_S, max_density=0.01) is None  # denser than that: a dense step
 
 
 def test_jumprelu_sparse_step_keeps_the_latents_just_below_the_threshold() -> None:
@@ -257,4 +287,14 @@ def test_matryoshka_prefixes_reconstruct_from_the_one_batch_selection() -> None:
     latents = af.batch_select(sae.pre_activations(x), 4)  # the whole dictionary's k x batch
     assert (latents > 0).sum() <= 4 * 64 and (latents[:, :16] > 0).any() and (latents[:, 32:] > 0).any()
     expected = [(latents[:, :m] @ sae.W_D[:m] + sae.b_D - x).pow(2).sum(-1).mean() for m in (16, 32, 128)]
-    assert out.loss.item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-5)
+    # by default each prefix weighs in proportion to its size
+    assert out.loss.item() == pytest.approx(sum(e.item() * m / 176 for e, m in zip(expected, (16, 32, 128))), rel=1e-5)
+    equal = _sae("matryoshka_batchtopk", matryoshka_prefixes=[16, 0.25], matryoshka_prefix_weights=[1, 1, 1])
+    equal.load_state_dict(sae.state_dict())
+    assert equal.compute_loss(x, x, 0.0).loss.item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("weights", [[1, 1], [1, -1, 1], [0, 0, 0]])
+def test_matryoshka_prefix_weights_are_one_per_prefix(weights) -> None:
+    with pytest.raises(ValueError, match=r"sae.matryoshka_prefix_weights=.*one non-negative weight per prefix, 3"):
+        _sae("matryoshka_batchtopk", matryoshka_prefixes=[16, 0.25], matryoshka_prefix_weights=weights)

@@ -54,6 +54,8 @@ MISTAKES = [
     row("train", ["+sae=relu_8x", "trainer.lr=fast"], "trainer.lr='fast': Input should be a valid number"),
     row("train", ["+sae=relu_8x", "+dataset.splt=test"],
         "dataset.splt='test': unknown key; allowed here: dataset_name_or_path, split,"),
+    row("train", ["+sae=matryoshka_batchtopk_8x", "sae.matryoshka_prefix_weights=[1,1]"],
+        "sae.matryoshka_prefix_weights=[1.0, 1.0]: one non-negative weight per prefix, 3 here"),
     row("train", ["+sae=relu_8x", "sae.act_fn=gelu"],
         "sae.act_fn='gelu': unknown activation function; allowed: relu, topk, batchtopk, jumprelu"),
     row("train", ["+sae=relu_8x", "model=gpt9"], "model=gpt9: unknown preset; available: pythia_160m, smollm2_135m"),

@@ -9,6 +9,7 @@ from torch import nn
 
 if TYPE_CHECKING:
     from lm_saes.sae.config import SAEConfig
+    from lm_saes.sae.sparse_step import Entries
 
 
 class ActivationFunction(nn.Module):
@@ -50,10 +51,10 @@ class ActivationFunction(nn.Module):
     selects_sparse = False
     """Whether it has the generic sparse step (`sparse_select` and the two methods after it; sae/sparse_step.py)."""
 
-    def sparse_select(self, pre_BS: torch.Tensor, max_density: float) -> torch.Tensor | None:
-        """Flat indices (into pre_BS.flatten()), rows ascending, of the latents a sparse step needs: those that fire, and
-        any that have a gradient without firing. None: step densely on this batch (more than `max_density` of
-        its latents would be needed). Called once per training step, before `sparse_latents`."""
+    def sparse_select(self, pre_BS: torch.Tensor, max_density: float) -> "Entries | None":
+        """The entries of pre_BS (rows ascending) of the latents a sparse step needs: those that fire, and any that
+        have a gradient without firing. None: step densely on this batch (more than `max_density` of its latents
+        would be needed). Called once per training step, before `sparse_latents`."""
         return None
 
     def sparse_latents(self, pre_N: torch.Tensor, cols_N: torch.Tensor) -> torch.Tensor:

@@ -204,10 +204,10 @@ class SparseAutoEncoder(nn.Module):
         if not af.selects_sparse or self.cfg.sparse_max_density == 0:
             return None, None, None
         pre_BS = pre_activations_once(x_BD, self.W_E, self.b_E)
-        flat_N = af.sparse_select(pre_BS, self.cfg.sparse_max_density)
-        if flat_N is None:
+        entries = af.sparse_select(pre_BS, self.cfg.sparse_max_density)
+        if entries is None:
             return None, None, dense_pre(x_BD, self.W_E, self.b_E, pre_BS)
-        pre_N, rows_N, cols_N, offsets_B = sparse_pre(x_BD, self.W_E, self.b_E, pre_BS, flat_N)
+        pre_N, rows_N, cols_N, offsets_B = sparse_pre(x_BD, self.W_E, self.b_E, entries)
         values_N = af.sparse_latents(pre_N, cols_N)
         sparsity = af.sparse_sparsity_loss(pre_N, values_N, cols_N, self.decoder_norms(), x_BD.shape[0])
         return SparseLatents(values_N, rows_N, cols_N, offsets_B), sparsity, None

@@ -4,7 +4,8 @@ the TopK path in sparse_topk.py).
 The encoder's forward stays dense: every pre-activation is needed to know which latents fire. The variant then
 names the entries of the (batch, d_sae) latents the step needs (those that fire, plus any whose gradient is not
 zero although they do not fire, e.g. JumpReLU's below-threshold window), as a CSR-style list sorted by row:
-values, rows, cols and each row's offset. Everything after that touches only those entries: the decoder is an
+values, rows, cols and each row's offset; ReLU and JumpReLU name them by a cut per latent (`entries_above`, which
+reads the dense matrix once, by group maxima). Everything after that touches only those entries: the decoder is an
 `embedding_bag` over the selected rows of W_D, and the encoder's backward multiplies a sparse (batch x d_sae)
 gradient into dense matrices, never forming a tokens x d_sae tensor.
 
@@ -15,7 +16,6 @@ handed to autograd with the usual dense backward, so a dense step does not multi
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -42,62 +42,105 @@ class SparseLatents(NamedTuple):
         return torch.bincount(self.cols_N[self.values_N != 0], minlength=d_sae)
 
 
-def _transposed(values_N: torch.Tensor, rows_N: torch.Tensor, cols_N: torch.Tensor, batch: int, d_sae: int) -> torch.Tensor:
-    """The (d_sae, batch) transpose of the selected entries as a COO matrix, left uncoalesced: sparse.mm
-    scatters it row by row without sorting (sorting costs more than the product on a CPU). Entries that are
-    zero (JumpReLU's window below the threshold: selected for their gradient, often most of the list) are
-    dropped first."""
-    nonzero_N = values_N != 0
-    if not bool(nonzero_N.all()):
-        values_N, rows_N, cols_N = values_N[nonzero_N], rows_N[nonzero_N], cols_N[nonzero_N]
-    return torch.sparse_coo_tensor(torch.stack([cols_N, rows_N]), values_N, (d_sae, batch), check_invariants=False)
+def nonzero_entries(values_N: torch.Tensor, *indices_N: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(values, *indices) at the entries whose value is not zero (JumpReLU's window below the threshold: selected
+    for its gradient, often most of the list); the same tensors when every one is. One `nonzero`, one host sync."""
+    kept_M = values_N.nonzero().squeeze(1)
+    if len(kept_M) == len(values_N):
+        return values_N, *indices_N
+    return tuple(t.index_select(0, kept_M) for t in (values_N, *indices_N))
+
+
+def transposed_product(values_N: torch.Tensor, rows_N: torch.Tensor, cols_N: torch.Tensor, dense_BD: torch.Tensor,
+                       d_sae: int) -> torch.Tensor:
+    """(d_sae, d) G^T dense, G the sparse (batch, d_sae) matrix of the entries, zero ones dropped by the caller. G^T
+    is a COO matrix left uncoalesced: the product scatters it row by row without sorting (sorting costs more than
+    the product on a CPU), into an output it zeroes once (sparse.mm zeroes a fresh one, then again inside)."""
+    G_T = torch.sparse_coo_tensor(torch.stack([cols_N, rows_N]), values_N, (d_sae, len(dense_BD)), check_invariants=False)
+    return torch.addmm(dense_BD.new_empty(d_sae, dense_BD.shape[1]), G_T, dense_BD, beta=0.0)
 
 
 class _SparseDecode(torch.autograd.Function):
-    """embedding_bag's forward; a backward that never sorts (embedding_bag's own sorts the indices for W's
-    gradient, several times the cost of the products on a CPU)."""
+    """embedding_bag's forward over the non-zero entries; a backward that never sorts (embedding_bag's own sorts
+    the indices for W's gradient, several times the cost of the products on a CPU). The values' gradient is taken
+    at every entry (a zero one's moves JumpReLU's threshold); W_D's only from the non-zero ones."""
 
     @staticmethod
     def forward(ctx, values_N, W_D_SD, rows_N, cols_N, offsets_B):  # type: ignore[override]
-        ctx.save_for_backward(values_N, W_D_SD, rows_N, cols_N, offsets_B)
-        return F.embedding_bag(cols_N, W_D_SD, offsets_B, mode="sum", per_sample_weights=values_N)
+        nz_values_M, nz_rows_M, nz_cols_M = nonzero_entries(values_N, rows_N, cols_N)
+        nz_offsets_B = offsets_B if len(nz_values_M) == len(values_N) else row_offsets(nz_rows_M, len(offsets_B))
+        ctx.save_for_backward(W_D_SD, cols_N, offsets_B, nz_values_M, nz_rows_M, nz_cols_M)
+        return F.embedding_bag(nz_cols_M, W_D_SD, nz_offsets_B, mode="sum", per_sample_weights=nz_values_M)
 
     @staticmethod
     def backward(ctx, grad_BD):  # type: ignore[override]
-        values_N, W_D_SD, rows_N, cols_N, offsets_B = ctx.saved_tensors
+        W_D_SD, cols_N, offsets_B, nz_values_M, nz_rows_M, nz_cols_M = ctx.saved_tensors
         batch, d_sae = len(offsets_B), W_D_SD.shape[0]
         grad_values = grad_W_D = None
         if ctx.needs_input_grad[0]:  # <grad[row], W_D[col]> at each entry: a sampled dense-dense product
             with warnings.catch_warnings():  # "CSR support is in beta": sampled_addmm has been stable since 1.13
                 warnings.simplefilter("ignore", UserWarning)
-                pattern = torch.sparse_csr_tensor(torch.cat([offsets_B, offsets_B.new_tensor([len(cols_N)])]), cols_N,
-                                                  values_N, (batch, d_sae), check_invariants=False)
-            grad_values = torch.sparse.sampled_addmm(pattern, grad_BD.contiguous(), W_D_SD.T, beta=0.0).values()
+                # written into itself, so no copy of the pattern is made; zeros, as beta * NaN is NaN
+                out = torch.sparse_csr_tensor(torch.cat([offsets_B, offsets_B.new_tensor([len(cols_N)])]), cols_N,
+                                              W_D_SD.new_zeros(len(cols_N)), (batch, d_sae), check_invariants=False)
+            grad_values = torch.sparse.sampled_addmm(out, grad_BD.contiguous(), W_D_SD.T, beta=0.0, out=out).values()
         if ctx.needs_input_grad[1]:
-            grad_W_D = torch.sparse.mm(_transposed(values_N, rows_N, cols_N, batch, d_sae), grad_BD)
+            grad_W_D = transposed_product(nz_values_M, nz_rows_M, nz_cols_M, grad_BD, d_sae)
         return grad_values, grad_W_D, None, None, None
 
 
-def csr_from_flat(flat_N: torch.Tensor, batch: int, d_sae: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(rows, cols, offsets) of flat indices into a (batch, d_sae) matrix, rows ascending (within a row, any order)."""
-    rows_N, cols_N = flat_N // d_sae, flat_N % d_sae
-    counts_B = torch.zeros(batch, dtype=torch.long, device=flat_N.device).index_add_(0, rows_N, torch.ones_like(rows_N))
-    return rows_N, cols_N, counts_B.cumsum(0) - counts_B
+class Entries(NamedTuple):
+    """Entries of a (batch, d_sae) matrix of pre-activations, rows ascending (within a row, any order)."""
+
+    rows_N: torch.Tensor
+    cols_N: torch.Tensor
+    pre_N: torch.Tensor
+    """The pre-activations there."""
+
+    @classmethod
+    def from_flat(cls, pre_BS: torch.Tensor, flat_N: torch.Tensor) -> "Entries":
+        """At sorted flat indices into pre_BS.flatten()."""
+        d_sae = pre_BS.shape[1]
+        return cls(flat_N // d_sae, flat_N % d_sae, pre_BS.flatten()[flat_N])
+
+
+def row_offsets(rows_N: torch.Tensor, batch: int) -> torch.Tensor:
+    """Where each row's entries start in a list sorted by row (CSR's row pointers, less the last)."""
+    counts_B = torch.bincount(rows_N, minlength=batch)
+    return counts_B.cumsum(0) - counts_B
 
 
 DENSITY_SAMPLE_ROWS = 256
 """Rows of the batch whose density decides the path: counting the whole batch costs a dense step a tenth of its
 time, a sample of this size a hundredth; either path is exact, so an estimate only moves the crossover."""
 
+SELECT_GROUP = 8
+"""Latents per group in `entries_above`'s first pass. A comparison over every entry writes a (batch, d_sae) mask
+that `nonzero` then reads again (together about the encoder's forward on a CPU); the group maxima read the matrix
+once and write an eighth of it, and with ~1% of latents above their cut about a tenth of the groups are read again."""
 
-def flat_entries(pre_BS: torch.Tensor, select: Callable[[torch.Tensor], torch.Tensor],
-                 max_density: float) -> torch.Tensor | None:
-    """Sorted flat indices of the entries where `select(pre)` is true, or None when more than `max_density` of
-    a sample of rows are (a dense step is then cheaper). One host sync: the count decides the path."""
-    sample_RS = select(pre_BS[:DENSITY_SAMPLE_ROWS])
+
+def entries_above(pre_BS: torch.Tensor, cut_S: torch.Tensor, max_density: float) -> Entries | None:
+    """The entries where pre > cut (a scalar, or one cut per latent), or None when more than `max_density` of a
+    sample of rows are (a dense step is then cheaper). One host sync: the count decides the path.
+
+    Group j holds latents j, j + d_sae/8, ...: strided, so its maximum is an elementwise maximum of contiguous
+    slices, and the groups that may hold an entry come out row by row, as do their members that do. A group is
+    read again when its largest pre-activation exceeds its smallest cut, so no entry is missed; the members are
+    then compared with their own cuts, the same comparison as over the dense matrix."""
+    batch, d_sae = pre_BS.shape
+    sample_RS = pre_BS[:DENSITY_SAMPLE_ROWS] > cut_S
     if int(torch.count_nonzero(sample_RS)) > max_density * sample_RS.numel():
         return None
-    return select(pre_BS).flatten().nonzero().squeeze(1)
+    group = SELECT_GROUP if d_sae % SELECT_GROUP == 0 else 1
+    n_groups = d_sae // group
+    pre_BgG = pre_BS.view(batch, group, n_groups)
+    cut_gG = cut_S.expand(d_sae).view(group, n_groups)
+    rows_H, groups_H = (pre_BgG.amax(dim=1) > cut_gG.amin(dim=0)).nonzero().unbind(1)
+    pre_Hg = pre_BgG[rows_H, :, groups_H]
+    cut_Hg = cut_S if cut_S.dim() == 0 else cut_gG.T.contiguous()[groups_H]
+    hits_N, members_N = (pre_Hg > cut_Hg).nonzero().unbind(1)
+    return Entries(rows_H[hits_N], members_N * n_groups + groups_H[hits_N], pre_Hg[hits_N, members_N])
 
 
 def encoder_grads(
@@ -106,26 +149,28 @@ def encoder_grads(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(grad x, grad W_E, grad b_E) of pre = x W_E + b_E from the pre-activations' gradient at the selected entries."""
     grad_N = grad_N.to(x_BD.dtype)  # autocast: the sparse products run at the weights' precision
-    batch, d_sae = x_BD.shape[0], W_E_DS.shape[1]
+    d_sae = W_E_DS.shape[1]
     grad_x = grad_W_E = grad_b_E = None
     if needs_input_grad[0]:
         # grad_x[b] = sum over b's entries of g * W_E[:, col]: a weighted bag of W_E's columns.
         grad_x = F.embedding_bag(cols_N, W_E_DS.T.contiguous(), offsets_B, mode="sum", per_sample_weights=grad_N)
     if needs_input_grad[1]:
         # grad_W_E = x^T G with G the sparse (batch x d_sae) gradient: (G^T x)^T as a sparse-dense product.
-        grad_W_E = torch.sparse.mm(_transposed(grad_N, rows_N, cols_N, batch, d_sae), x_BD).T
+        grad_W_E = transposed_product(*nonzero_entries(grad_N, rows_N, cols_N), x_BD, d_sae).T
     if needs_input_grad[2]:
         grad_b_E = torch.zeros(d_sae, dtype=grad_N.dtype, device=grad_N.device).index_add_(0, cols_N, grad_N)
     return grad_x, grad_W_E, grad_b_E
 
 
 class _SparsePre(torch.autograd.Function):
-    """pre[rows, cols] of pre-activations computed without autograd; backward: encoder_grads."""
+    """Pre-activations at selected entries, computed without autograd (returned as the caller's own tensor, as
+    `_DensePre` does); backward: encoder_grads."""
 
     @staticmethod
-    def forward(ctx, x_BD, W_E_DS, b_E_S, pre_BS, rows_N, cols_N, offsets_B):  # type: ignore[override]
+    def forward(ctx, x_BD, W_E_DS, b_E_S, pre_N, rows_N, cols_N, offsets_B):  # type: ignore[override]
+        ctx.mark_dirty(pre_N)
         ctx.save_for_backward(x_BD, W_E_DS, rows_N, cols_N, offsets_B)
-        return pre_BS[rows_N, cols_N]
+        return pre_N
 
     @staticmethod
     def backward(ctx, grad_N):  # type: ignore[override]
@@ -168,8 +213,9 @@ def dense_pre(x_BD: torch.Tensor, W_E_DS: torch.Tensor, b_E_S: torch.Tensor, pre
     return _DensePre.apply(x_BD, W_E_DS, b_E_S, pre_BS)
 
 
-def sparse_pre(x_BD: torch.Tensor, W_E_DS: torch.Tensor, b_E_S: torch.Tensor, pre_BS: torch.Tensor,
-               flat_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(pre_N, rows, cols, offsets) at the sorted flat indices `flat_N`, with the sparse encoder backward."""
-    rows_N, cols_N, offsets_B = csr_from_flat(flat_N, *pre_BS.shape)
-    return _SparsePre.apply(x_BD, W_E_DS, b_E_S, pre_BS, rows_N, cols_N, offsets_B), rows_N, cols_N, offsets_B
+def sparse_pre(x_BD: torch.Tensor, W_E_DS: torch.Tensor, b_E_S: torch.Tensor,
+               entries: Entries) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(pre_N, rows, cols, offsets) of the selected entries, pre_N with the sparse encoder backward."""
+    rows_N, cols_N, pre_N = entries
+    offsets_B = row_offsets(rows_N, x_BD.shape[0])
+    return _SparsePre.apply(x_BD, W_E_DS, b_E_S, pre_N, rows_N, cols_N, offsets_B), rows_N, cols_N, offsets_B

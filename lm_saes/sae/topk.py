@@ -8,7 +8,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from lm_saes import distributed
+from lm_saes.errors import UserInputError
 from lm_saes.sae.act_base import ActivationFunction
+from lm_saes.sae.sparse_step import Entries
 from lm_saes.sae.sparse_topk import sparse_topk_encode
 
 if TYPE_CHECKING:
@@ -86,7 +88,7 @@ class BatchTopK(TopK):
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None  # tokens share the batch's budget: no per-token k; the generic sparse step selects instead
 
-    def sparse_select(self, pre_BS: torch.Tensor, max_density: float) -> torch.Tensor | None:
+    def sparse_select(self, pre_BS: torch.Tensor, max_density: float) -> Entries | None:
         if not self.training or self.k > max_density * pre_BS.shape[1]:
             return None
         return self._sparse_batch_topk(pre_BS, self.k)
@@ -104,8 +106,8 @@ class BatchTopK(TopK):
         values, indices = self._batch_topk(pre_BS, k, learn_threshold)
         return torch.zeros_like(pre_BS).flatten().scatter(0, indices, values).view_as(pre_BS)
 
-    def _sparse_batch_topk(self, pre_BS: torch.Tensor, k: int) -> torch.Tensor:
-        """Flat indices, grouped by row, of the k*batch largest relu(pre), as `_batch_topk` selects them (the
+    def _sparse_batch_topk(self, pre_BS: torch.Tensor, k: int) -> Entries:
+        """The entries, rows ascending, of the k*batch largest relu(pre), as `_batch_topk` selects them (the
         threshold learns from the same values).
 
         Candidates are each row's 4k largest; the batch's top k*batch among them are the batch's own unless some
@@ -123,10 +125,10 @@ class BatchTopK(TopK):
                 self._update_threshold(values.float())
             keep_BM = torch.zeros(cand_BM.numel(), dtype=torch.bool, device=pre_BS.device).index_fill_(0, picked, True)
             rows_N, slots_N = keep_BM.view_as(cand_BM).nonzero().unbind(1)
-            return rows_N * d_sae + cols_BM[rows_N, slots_N]
+            return Entries(rows_N, cols_BM[rows_N, slots_N], cand_BM[rows_N, slots_N])
         _, indices = self._batch_topk(pre_BS, k, learn_threshold=True)
         keep = torch.zeros(pre_BS.numel(), dtype=torch.bool, device=pre_BS.device).index_fill_(0, indices, True)
-        return keep.nonzero().squeeze(1)
+        return Entries.from_flat(pre_BS, keep.nonzero().squeeze(1))
 
     def _batch_topk(self, pre_BS: torch.Tensor, k: int, learn_threshold: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, flat indices) of the k*batch largest relu(pre); with `learn_threshold`, updates the threshold."""
@@ -159,11 +161,11 @@ class MatryoshkaBatchTopK(BatchTopK):
     """BatchTopK whose nested prefixes of the dictionary (`sae.matryoshka_prefixes`) each reconstruct the input.
 
     As in Bussmann et al. (2025): one BatchTopK selection over the whole dictionary; prefix m reconstructs from
-    the selected latents among its first m; the loss is the mean of the prefixes' squared errors (so the total
-    keeps the scale of one reconstruction). Selecting k latents per prefix separately starves the later
-    latents instead (most die: mean max cosine 0.88 on the planted features, 70% dead). Known gap: every
-    prefix's term rewards the first latents, and on the built-in corpus a fifth of the 1/16 prefix's latents
-    turn dense (tests/test_embedded_training.py, xfail until fixed).
+    the selected latents among its first m. Selecting k latents per prefix separately starves the later latents
+    instead (most die: mean max cosine 0.88 on the planted features, 70% dead). The loss weighs each prefix's
+    squared error (`sae.matryoshka_prefix_weights`), by default in proportion to its size: with the paper's
+    equal weights every term rewards the first latents, and on the built-in corpus the SAE ends with twice the
+    dense latents of a plain BatchTopK one (tests/test_embedded_training.py).
     """
 
     selects_sparse = False  # every prefix reconstructs from the dense latents
@@ -173,11 +175,20 @@ class MatryoshkaBatchTopK(BatchTopK):
         sizes = {round(p * d_sae) if p < 1 else int(p) for p in self.cfg.matryoshka_prefixes or []}
         return sorted({min(max(s, 1), d_sae) for s in sizes} | {d_sae})
 
+    def prefix_weights(self) -> list[float]:
+        """Each prefix's weight in the loss, in prefix_sizes() order, summing to 1."""
+        sizes = self.prefix_sizes()
+        weights = self.cfg.matryoshka_prefix_weights or sizes
+        if len(weights) != len(sizes):
+            raise UserInputError("sae.matryoshka_prefixes", self.cfg.matryoshka_prefixes,
+                                 f"distinct prefix sizes, one per sae.matryoshka_prefix_weights (they give {sizes})")
+        return [w / sum(weights) for w in weights]
+
     def reconstruction_loss(self, pre_BS: torch.Tensor, latents_BS: torch.Tensor, W_D_SD: torch.Tensor,
                             b_D_D: torch.Tensor, target_BD: torch.Tensor) -> torch.Tensor | None:
-        losses, reconstruction_BD, start = [], b_D_D.expand_as(target_BD), 0
-        for m in self.prefix_sizes():  # each prefix adds its group's latents to the one before
+        loss, reconstruction_BD, start = 0.0, b_D_D.expand_as(target_BD), 0
+        for m, weight in zip(self.prefix_sizes(), self.prefix_weights()):  # each group adds to the prefix before
             reconstruction_BD = reconstruction_BD + latents_BS[:, start:m] @ W_D_SD[start:m]
-            losses.append((reconstruction_BD - target_BD).pow(2).sum(dim=-1).mean())
+            loss = loss + weight * (reconstruction_BD - target_BD).pow(2).sum(dim=-1).mean()
             start = m
-        return torch.stack(losses).mean()
+        return loss
