@@ -23,8 +23,9 @@ class LanguageModelConfig(BaseConfig):
     """Where the model runs: `cpu`, `cuda`, `cuda:1`, `mps`."""
     dtype: DType = torch.float32
     """Weights and activations dtype. `bfloat16` speeds up generation on a GPU and on CPUs with bf16 matrix
-    units (1.3-2.3x end to end on the shared reference Xeon); its activations are ~1% from fp32's and reach
-    the SAE in the SAE's own dtype (an fp32 SAE trains on them to the same EV: tests/test_bf16_activations.py)."""
+    units (~2x end to end on the reference Xeon: scripts/bench_train.py --only forward); its activations are
+    ~1% from fp32's and reach the SAE in the SAE's own dtype (an fp32 SAE trains on them to the same EV:
+    tests/test_bf16_activations.py)."""
 
 
 @dataclass(frozen=True)
