@@ -1,8 +1,11 @@
 """Every shipped preset composes and validates into TrainSAESettings (Compose API, no training)."""
 
-import pytest
+from pathlib import Path
 
-from lm_saes import TrainSAESettings
+import pytest
+import yaml
+
+from lm_saes import TrainerConfig, TrainSAESettings
 from lm_saes.cli.compose import ConfigError, compose_single_run, group_options, with_positional
 from lm_saes.cli.verbs import settings_from_config
 
@@ -43,7 +46,10 @@ def test_every_sae_preset_validates(preset: str) -> None:
 
 
 def test_jumprelu_preset_sets_its_own_sparsity_coefficient_and_users_can_override_it() -> None:
-    assert settings_from_config(compose_single_run(["+sae=jumprelu_8x"]), None).trainer.l1_coefficient == 1.0
+    preset = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf/sae/jumprelu_8x.yaml").read_text())
+    own = preset["trainer"]["l1_coefficient"]
+    assert own != TrainerConfig().l1_coefficient
+    assert settings_from_config(compose_single_run(["+sae=jumprelu_8x"]), None).trainer.l1_coefficient == own
     cfg = compose_single_run(["+sae=jumprelu_8x", "trainer.l1_coefficient=0.5"])
     assert settings_from_config(cfg, None).trainer.l1_coefficient == 0.5
 
