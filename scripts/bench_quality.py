@@ -153,12 +153,15 @@ def main() -> None:
     parser.add_argument("--eval-contexts", type=int, default=32, help="held-out contexts of 256 tokens")
     parser.add_argument("--presets", nargs="*", help="default: every conf/sae preset")
     parser.add_argument("--no-reference", action="store_true")
+    parser.add_argument("--model-dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the evaluation model's weights (CE and KL scores with the SAE spliced into it); the "
+                             "cache is always the fp32 model's")
     parser.add_argument("--only", choices=("all", "cache"), default="all")
     args = parser.parse_args()
     cache = ensure_cache(args.cache_tokens)
     if args.only == "cache":
         return
-    model = TransformerLensLanguageModel(LanguageModelConfig())
+    model = TransformerLensLanguageModel(LanguageModelConfig(dtype=args.model_dtype))
     _, held_out = corpus_split()
     contexts = held_out_contexts(held_out, model, 256, 0, args.eval_contexts)
     names = args.presets or sorted(p.stem for p in (ROOT / "conf" / "sae").glob("*.yaml"))
