@@ -99,16 +99,18 @@ class JumpReLU(ActivationFunction):
 
     def sparse_sparsity_loss(self, pre_N: torch.Tensor, values_N: torch.Tensor, cols_N: torch.Tensor,
                              decoder_norms_S: torch.Tensor, batch: int) -> torch.Tensor:
-        if self.cfg.jumprelu_sparsity == "l0":
-            return _StepFunction.apply(pre_N, self.threshold_S[cols_N], self.bandwidth).sum() / batch
-        c = self.cfg.jumprelu_tanh_scale
-        return torch.tanh(c * values_N * decoder_norms_S[cols_N]).sum() / batch
+        return self._penalty(pre_N, values_N, self.threshold_S[cols_N], decoder_norms_S[cols_N]).sum() / batch
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         return [{"params": [self.log_threshold], "lr": lr * self.cfg.jumprelu_lr_factor}]
 
     def sparsity_loss(self, pre_BS: torch.Tensor, latents_BS: torch.Tensor, decoder_norms_S: torch.Tensor) -> torch.Tensor:
+        return self._penalty(pre_BS, latents_BS, self.threshold_S, decoder_norms_S).sum(dim=-1).mean()
+
+    def _penalty(self, pre: torch.Tensor, latents: torch.Tensor, threshold: torch.Tensor,
+                 decoder_norms: torch.Tensor) -> torch.Tensor:
+        """Each entry's penalty, dense (batch, d_sae) or at a sparse step's entries (N,): the L0 step through the
+        kernel, or tanh(c f ||W_D||)."""
         if self.cfg.jumprelu_sparsity == "l0":
-            return _StepFunction.apply(pre_BS, self.threshold_S, self.bandwidth).sum(dim=-1).mean()
-        c = self.cfg.jumprelu_tanh_scale
-        return torch.tanh(c * latents_BS * decoder_norms_S).sum(dim=-1).mean()
+            return _StepFunction.apply(pre, threshold, self.bandwidth)
+        return torch.tanh(self.cfg.jumprelu_tanh_scale * latents * decoder_norms)

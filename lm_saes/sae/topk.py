@@ -170,19 +170,24 @@ class MatryoshkaBatchTopK(BatchTopK):
 
     selects_sparse = False  # every prefix reconstructs from the dense latents
 
+    def __init__(self, cfg: "SAEConfig") -> None:
+        super().__init__(cfg)
+        # Fixed by the config: worked out (and a mismatch refused) when the SAE is built, not at every step.
+        d_sae = cfg.d_sae
+        sizes = {round(p * d_sae) if p < 1 else int(p) for p in cfg.matryoshka_prefixes or []}
+        self._sizes = sorted({min(max(s, 1), d_sae) for s in sizes} | {d_sae})
+        weights = cfg.matryoshka_prefix_weights or self._sizes
+        if len(weights) != len(self._sizes):
+            raise UserInputError("sae.matryoshka_prefixes", cfg.matryoshka_prefixes, "distinct prefix sizes, one per "
+                                 f"sae.matryoshka_prefix_weights (they give {self._sizes})")
+        self._weights = [w / sum(weights) for w in weights]
+
     def prefix_sizes(self) -> list[int]:
-        d_sae = self.cfg.d_sae
-        sizes = {round(p * d_sae) if p < 1 else int(p) for p in self.cfg.matryoshka_prefixes or []}
-        return sorted({min(max(s, 1), d_sae) for s in sizes} | {d_sae})
+        return self._sizes
 
     def prefix_weights(self) -> list[float]:
         """Each prefix's weight in the loss, in prefix_sizes() order, summing to 1."""
-        sizes = self.prefix_sizes()
-        weights = self.cfg.matryoshka_prefix_weights or sizes
-        if len(weights) != len(sizes):
-            raise UserInputError("sae.matryoshka_prefixes", self.cfg.matryoshka_prefixes,
-                                 f"distinct prefix sizes, one per sae.matryoshka_prefix_weights (they give {sizes})")
-        return [w / sum(weights) for w in weights]
+        return self._weights
 
     def reconstruction_loss(self, pre_BS: torch.Tensor, latents_BS: torch.Tensor, W_D_SD: torch.Tensor,
                             b_D_D: torch.Tensor, target_BD: torch.Tensor) -> torch.Tensor | None:
