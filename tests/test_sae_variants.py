@@ -13,7 +13,7 @@ ALL_ACT_FNS = sorted(ACTIVATION_FUNCTIONS)
 
 def _sae(act_fn: str, seed: int = 0, **kw) -> SparseAutoEncoder:
     torch.manual_seed(seed)
-    cfg = SAEConfig(hook_point_in="in", d_model=16, expansion_factor=8, act_fn=act_fn, top_k=4, **kw)
+    cfg = SAEConfig(hook_point_in="in", d_model=16, act_fn=act_fn, top_k=4, **{"expansion_factor": 8, **kw})
     sae = SparseAutoEncoder(cfg)
     with torch.no_grad():
         sae.b_E.normal_(0, 0.1)
@@ -130,10 +130,13 @@ def test_sparse_step_matches_the_dense_reference(act_fn: str, kw: dict, branch: 
 
 
 @pytest.mark.parametrize("one_loud_row", [False, True])
-def test_batchtopk_sparse_step_selects_the_batch_top_k(one_loud_row: bool) -> None:
+@pytest.mark.parametrize("expansion_factor", [8, 32])  # 8: d_sae 128 = 8 x 4k, a plain topk; 32: row_topk's groups
+def test_batchtopk_sparse_step_selects_the_batch_top_k(one_loud_row: bool, expansion_factor: int) -> None:
     # The sparse step searches each row's 4k largest; a row that keeps more than it offered (one row 50x
     # louder than the rest keeps nearly all of its latents) sends it to the whole batch instead.
-    saes = {density: _sae("batchtopk", seed=1, dtype=torch.float64, sparse_max_density=density) for density in (0.0, 1.0)}
+    d_sae = 16 * expansion_factor
+    saes = {density: _sae("batchtopk", seed=1, dtype=torch.float64, sparse_max_density=density,
+                          expansion_factor=expansion_factor) for density in (0.0, 1.0)}
     g = torch.Generator().manual_seed(3)
     for _ in range(3):
         x = torch.randn(64, 16, dtype=torch.float64, generator=g)
@@ -141,9 +144,9 @@ def test_batchtopk_sparse_step_selects_the_batch_top_k(one_loud_row: bool) -> No
             x[0] *= 50
         outs = {density: sae.compute_loss(x, x, 0.0) for density, sae in saes.items()}
         torch.testing.assert_close(outs[1.0].reconstruction_BD, outs[0.0].reconstruction_BD)
-        assert torch.equal(outs[1.0].firing_counts(128), outs[0.0].firing_counts(128))
+        assert torch.equal(outs[1.0].firing_counts(d_sae), outs[0.0].firing_counts(d_sae))
         assert saes[1.0].activation_function.threshold.item() == saes[0.0].activation_function.threshold.item()
-        assert (outs[1.0].firing_counts(128) > 0).sum() > 0
+        assert (outs[1.0].firing_counts(d_sae) > 0).sum() > 0
     assert saes[1.0].activation_function.threshold.item() > 0
     kept_by_row_0 = int((outs[0.0].latents_BS[0] > 0).sum())
     assert (kept_by_row_0 > 16) == one_loud_row  # 16 = the 4k the row offers

@@ -11,7 +11,7 @@ from lm_saes import distributed
 from lm_saes.errors import UserInputError
 from lm_saes.sae.act_base import ActivationFunction
 from lm_saes.sae.sparse_step import Entries
-from lm_saes.sae.sparse_topk import sparse_topk_encode
+from lm_saes.sae.sparse_topk import row_topk, sparse_topk_encode
 
 if TYPE_CHECKING:
     from lm_saes.sae.config import SAEConfig
@@ -113,11 +113,12 @@ class BatchTopK(TopK):
         Candidates are each row's 4k largest; the batch's top k*batch among them are the batch's own unless some
         row kept a value no larger than its 4k-th (it may hold more above the cut than it offered): then, or
         when fewer than k*batch values are positive, the whole batch is searched. This costs about TopK's
-        per-row selection, not a comparison and a `nonzero` over every (batch, d_sae) entry.
+        per-row selection (`row_topk`, by group maxima), not a comparison and a `nonzero` over every
+        (batch, d_sae) entry.
         """
         batch, d_sae = pre_BS.shape
         n_keep = min(k * batch, pre_BS.numel())
-        cand_BM, cols_BM = pre_BS.topk(min(4 * k, d_sae), dim=-1, sorted=False)
+        cand_BM, cols_BM = row_topk(pre_BS, min(4 * k, d_sae))
         values, picked = torch.relu(cand_BM).flatten().topk(n_keep, sorted=False)
         cut = values.min()
         if cand_BM.shape[1] == d_sae or (cut > 0 and bool((torch.relu(cand_BM.min(dim=-1).values) < cut).all())):
