@@ -5,6 +5,7 @@ import torch
 
 from lm_saes import SAEConfig, SparseAutoEncoder
 from lm_saes.sae.activation_functions import ACTIVATION_FUNCTIONS
+from lm_saes.sae import sparse_step
 from lm_saes.sae.sparse_step import entries_above
 from lm_saes.sae.sparse_topk import row_topk
 
@@ -127,6 +128,28 @@ def test_sparse_step_matches_the_dense_reference(act_fn: str, kw: dict, branch: 
         torch.testing.assert_close(grads[name], ref_grads[name], msg=name)
     for name, buffer in ref_sae.named_buffers():  # BatchTopK's threshold learns from the same selection
         torch.testing.assert_close(dict(sae.named_buffers())[name], buffer, msg=name)
+
+
+@pytest.mark.parametrize("act_fn", ["relu", "topk", "batchtopk"])
+def test_the_next_step_writes_into_a_sparse_steps_pre_activations_without_changing_its_gradients(act_fn: str) -> None:
+    # A sparse step hands its (batch, d_sae) pre-activations back for the next step to write into; its own
+    # outputs and gradients, taken after the next step ran, must be those of the step run alone.
+    kw = {"sparse_topk": True} if act_fn == "topk" else {"sparse_max_density": 1.0}
+    g = torch.Generator().manual_seed(6)
+    x1, x2 = torch.randn(64, 16, generator=g), torch.randn(64, 16, generator=g)
+    alone = _sae(act_fn, seed=1, **kw)
+    ref = alone.compute_loss(x1, x1, 0.7)
+    ref.loss.backward()
+    sae = _sae(act_fn, seed=1, **kw)
+    first = sae.compute_loss(x1, x1, 0.7)
+    buffer = sparse_step._SPARE_PRE[((64, 128), torch.float32)]
+    second = sae.compute_loss(x2, x2, 0.7)
+    assert sparse_step._SPARE_PRE[((64, 128), torch.float32)] is buffer  # taken, written over, handed back
+    assert not torch.equal(first.reconstruction_BD, second.reconstruction_BD)
+    first.loss.backward()
+    torch.testing.assert_close(first.reconstruction_BD, ref.reconstruction_BD, rtol=0, atol=0)
+    for name, param in alone.named_parameters():
+        torch.testing.assert_close(dict(sae.named_parameters())[name].grad, param.grad, rtol=0, atol=0, msg=name)
 
 
 @pytest.mark.parametrize("one_loud_row", [False, True])

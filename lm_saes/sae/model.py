@@ -16,7 +16,7 @@ from lm_saes import metrics
 from lm_saes.errors import UserInputError
 from lm_saes.sae.activation_functions import ACTIVATION_FUNCTIONS, ActivationFunction, build_activation_function
 from lm_saes.sae.config import CONFIG_FILE, SAEConfig
-from lm_saes.sae.sparse_step import SparseLatents, dense_pre, pre_activations_once, sparse_pre
+from lm_saes.sae.sparse_step import SparseLatents, dense_pre, pre_activations_once, recycle_pre, sparse_pre
 from lm_saes.sae.sparse_topk import sparse_decode, topk_rows
 
 if TYPE_CHECKING:
@@ -84,6 +84,8 @@ class SparseAutoEncoder(nn.Module):
         with torch.no_grad():
             self.W_E.copy_(self.W_D.T)
         self.activation_function: ActivationFunction = build_activation_function(cfg)
+        self._last_step_sparse = False
+        """Whether the last training step went sparse (sae/sparse_step.py: it then reuses a recycled buffer)."""
 
     # --- the math, on normalised activations ---
     def pre_activations(self, x_BD: torch.Tensor) -> torch.Tensor:
@@ -203,10 +205,14 @@ class SparseAutoEncoder(nn.Module):
             return SparseLatents(values_BK.flatten(), rows_N, indices_BK.flatten(), offsets_B), x_BD.new_zeros(()), None
         if not af.selects_sparse or self.cfg.sparse_max_density == 0:
             return None, None, None
-        pre_BS = pre_activations_once(x_BD, self.W_E, self.b_E)
+        # a buffer recycled by a sparse step is taken when this SAE's last step went sparse too, so that a dense
+        # SAE does not take it from a sparse one of the same width stepping in turn with it (a grouped sweep)
+        pre_BS = pre_activations_once(x_BD, self.W_E, self.b_E, reuse=self._last_step_sparse)
         entries = af.sparse_select(pre_BS, self.cfg.sparse_max_density)
+        self._last_step_sparse = entries is not None
         if entries is None:
             return None, None, dense_pre(x_BD, self.W_E, self.b_E, pre_BS)
+        recycle_pre(pre_BS)  # the entries are copies: the next step may write over it
         pre_N, rows_N, cols_N, offsets_B = sparse_pre(x_BD, self.W_E, self.b_E, entries)
         values_N = af.sparse_latents(pre_N, cols_N)
         sparsity = af.sparse_sparsity_loss(pre_N, values_N, cols_N, self.decoder_norms(), x_BD.shape[0])

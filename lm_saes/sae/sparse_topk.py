@@ -11,14 +11,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lm_saes.sae.sparse_step import SELECT_GROUP, encoder_grads
+from lm_saes.sae.sparse_step import SELECT_GROUP, encoder_grads, pre_activations_once, recycle_pre
 
 
 class _SparseTopKEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_BD: torch.Tensor, W_E_DS: torch.Tensor, b_E_S: torch.Tensor, k: int):  # type: ignore[override]
-        pre_BS = torch.addmm(b_E_S, x_BD, W_E_DS)
+        pre_BS = pre_activations_once(x_BD, W_E_DS, b_E_S)
         values_BK, indices_BK = row_topk(pre_BS, k)
+        recycle_pre(pre_BS)  # the values are a copy
         values_BK = values_BK.relu()
         ctx.save_for_backward(x_BD, W_E_DS, values_BK, indices_BK)
         ctx.mark_non_differentiable(indices_BK)
