@@ -27,13 +27,19 @@ def explained_variance(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> torch.Tens
     return 1 - residual / total
 
 
-def explained_variance_sums(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> torch.Tensor:
+def explained_variance_sums(x_BD: torch.Tensor, x_hat_BD: torch.Tensor,
+                            mean_squared_error: torch.Tensor | None = None) -> torch.Tensor:
     """(d_model + 2,) float64 sums over rows: [SSE, sum ||x||^2, sum x (d_model)]. Sums add up across batches
-    or data-parallel ranks; `explained_variance_from_sums` turns them into explained_variance's value."""
+    or data-parallel ranks; `explained_variance_from_sums` turns them into explained_variance's value.
+    `mean_squared_error`: mean_b ||x - x_hat||^2 when the caller has it already (a training step's loss term),
+    so SSE is not computed again."""
     # Sums over a row (or, for sum x, over the rows of one batch) in the inputs' precision, at least float32;
     # the rest in float64. Converting the inputs to float64 first cost a training step ~5%.
     x, x_hat = _at_least_float32(x_BD), _at_least_float32(x_hat_BD)
-    sse = (x - x_hat).pow(2).sum(dim=-1).double().sum()
+    if mean_squared_error is not None:
+        sse = mean_squared_error.detach().double() * len(x)
+    else:
+        sse = (x - x_hat).pow(2).sum(dim=-1).double().sum()
     return torch.cat([torch.stack([sse, x.pow(2).sum(dim=-1).double().sum()]), x.sum(dim=0).double()])
 
 

@@ -23,7 +23,7 @@ def step_totals(out: SAELoss, n: int, d_sae: int, preempted: bool) -> torch.Tens
     fired_S = out.firing_counts(d_sae).double()
     sums = torch.stack([out.mse.double() * n, out.sparsity.double() * n, out.aux_k.double() * n, fired_S.sum()])
     flags = torch.stack([(~torch.isfinite(out.loss)).double(), sums.new_tensor(float(preempted))])
-    ev_sums = metrics.explained_variance_sums(out.target_BD, out.reconstruction_BD)
+    ev_sums = metrics.explained_variance_sums(out.target_BD, out.reconstruction_BD, out.mse)
     return torch.cat([sums.new_tensor([float(n)]), sums, flags, ev_sums, fired_S])
 
 

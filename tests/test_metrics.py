@@ -32,6 +32,10 @@ def test_explained_variance_from_sums_added_over_parts_equals_the_batch_function
     sums = metrics.explained_variance_sums(x[:40], x_hat[:40]) + metrics.explained_variance_sums(x[40:], x_hat[40:])
     whole = metrics.explained_variance(x, x_hat).item()
     assert metrics.explained_variance_from_sums(sums, 64) == pytest.approx(whole, rel=1e-6)
+    # a training step hands over its loss's MSE instead of a second pass for SSE: the same sums
+    mse_parts = [(x_hat[part] - x[part]).pow(2).sum(-1).mean() for part in (slice(0, 40), slice(40, 64))]
+    given = sum(metrics.explained_variance_sums(x[p], x_hat[p], m) for p, m in zip((slice(0, 40), slice(40, 64)), mse_parts))
+    torch.testing.assert_close(given, sums, rtol=1e-6, atol=0)  # the MSE was summed in float32
     halves = (metrics.explained_variance(x[:40], x_hat[:40]).item() * 40 + metrics.explained_variance(x[40:], x_hat[40:]).item() * 24) / 64
     assert abs(halves - whole) > 1e-2  # what averaging the parts' EVs would have reported instead
 

@@ -175,7 +175,8 @@ def test_batchtopk_sparse_step_selects_the_batch_top_k(one_loud_row: bool, expan
     assert (kept_by_row_0 > 16) == one_loud_row  # 16 = the 4k the row offers
 
 
-@pytest.mark.parametrize("d_sae", [96, 100])  # 100: not a multiple of the group size, one latent per group
+# 100: not a multiple of the group size, one latent per group; 16,400: groups of 16
+@pytest.mark.parametrize("d_sae", [96, 100, 16_400])
 @pytest.mark.parametrize("per_latent_cut", [False, True])
 def test_entries_above_finds_every_entry_over_its_cut_row_by_row(d_sae: int, per_latent_cut: bool) -> None:
     g = torch.Generator().manual_seed(4)

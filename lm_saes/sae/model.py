@@ -178,7 +178,7 @@ class SparseAutoEncoder(nn.Module):
             extra = af.auxiliary_loss(x_BD, pre_BS, self.W_D, self.b_D, target_BD)
         mse = (reconstruction_BD - target_BD).pow(2).sum(dim=-1).mean()
         own = None if sparse is not None else af.reconstruction_loss(pre_BS, latents_BS, self.W_D, self.b_D, target_BD)
-        aux = self._aux_k_loss(x_BD, (target_BD - reconstruction_BD).detach(), dead_S)
+        aux = self._aux_k_loss(x_BD, target_BD, reconstruction_BD, dead_S)
         loss = (mse if own is None else own) + sparsity_coefficient * sparsity + extra
         if aux is None:  # no AuxK this step (the common case): no pass for the variance either
             aux = x_BD.new_zeros(())
@@ -218,15 +218,17 @@ class SparseAutoEncoder(nn.Module):
         sparsity = af.sparse_sparsity_loss(pre_N, values_N, cols_N, self.decoder_norms(), x_BD.shape[0])
         return SparseLatents(values_N, rows_N, cols_N, offsets_B), sparsity, None
 
-    def _aux_k_loss(self, x_BD: torch.Tensor, residual_BD: torch.Tensor,
+    def _aux_k_loss(self, x_BD: torch.Tensor, target_BD: torch.Tensor, reconstruction_BD: torch.Tensor,
                     dead_S: torch.Tensor | None) -> torch.Tensor | None:
         """AuxK (Gao et al., 2024): the top aux_k dead latents reconstruct the residual the live ones left.
 
         Normalised by the residual's variance, so 1 means "explains nothing". Only the dead latents' columns
-        of W_E are multiplied, so it costs little while few latents are dead. None: no AuxK on this step.
+        of W_E are multiplied, so it costs little while few latents are dead. None: no AuxK on this step (the
+        residual is not even formed).
         """
         if not self.activation_function.uses_aux_k or dead_S is None or self.cfg.aux_k == 0 or not dead_S.any():
             return None
+        residual_BD = (target_BD - reconstruction_BD).detach()
         dead_idx_N = torch.nonzero(dead_S).squeeze(1)
         pre_BN = x_BD @ self.W_E[:, dead_idx_N] + self.b_E[dead_idx_N]
         values_BK, local_BK = pre_BN.topk(min(self.cfg.aux_k, len(dead_idx_N)), dim=-1, sorted=False)
