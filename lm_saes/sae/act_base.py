@@ -37,19 +37,17 @@ class ActivationFunction(nn.Module):
         None when it selects no fixed number."""
         return None
 
-    def sparse_encode(
-        self, x_BD: torch.Tensor, W_E_DS: torch.Tensor, b_E_S: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The training path that never forms the dense latents: (values, indices), each (batch, k), of the
-        selected latents, with no sparsity penalty. None (the default): train on the dense latents."""
-        return None
-
     l1_of_latents = False
     """Whether `sparsity_loss` is the decoder-norm-weighted L1 of the latents, mean_b sum_s f_bs ||W_D[s]||
     (relu's): a dense step then takes it from the decoder's own product, as one more column of W_D, sparing
     the passes over the (batch, d_sae) latents that it costs on its own (two forward, three backward)."""
     selects_sparse = False
-    """Whether it has the generic sparse step (`sparse_select` and the two methods after it; sae/sparse_step.py)."""
+    """Whether it has the sparse step (`sparse_select` and the two methods after it; sae/sparse_step.py)."""
+
+    def sparse_step_on(self) -> bool:
+        """Whether training steps go through `sparse_select` (else the variant's plain dense path): by default
+        while `sae.sparse_max_density` is above 0."""
+        return self.selects_sparse and self.cfg.sparse_max_density > 0
 
     def sparse_select(self, pre_BS: torch.Tensor, max_density: float) -> "Entries | None":
         """The entries of pre_BS (rows ascending) of the latents a sparse step needs: those that fire, and any that

@@ -17,7 +17,7 @@ from lm_saes.errors import UserInputError
 from lm_saes.sae.activation_functions import ACTIVATION_FUNCTIONS, ActivationFunction, build_activation_function
 from lm_saes.sae.config import CONFIG_FILE, SAEConfig
 from lm_saes.sae.sparse_step import SparseLatents, dense_pre, pre_activations_once, recycle_pre, sparse_pre
-from lm_saes.sae.sparse_topk import sparse_decode, topk_rows
+from lm_saes.sae.sparse_topk import sparse_decode
 
 if TYPE_CHECKING:
     from lm_saes.interop.saelens import SAELensMetadata
@@ -198,12 +198,7 @@ class SparseAutoEncoder(nn.Module):
         """(latents, sparsity penalty, None) for a sparse step; (None, None, pre-activations) for a dense one
         whose pre-activations were computed to decide; (None, None, None) for the variant's plain dense path."""
         af = self.activation_function
-        topk = af.sparse_encode(x_BD, self.W_E, self.b_E)
-        if topk is not None:
-            values_BK, indices_BK = topk
-            rows_N, offsets_B = topk_rows(indices_BK)
-            return SparseLatents(values_BK.flatten(), rows_N, indices_BK.flatten(), offsets_B), x_BD.new_zeros(()), None
-        if not af.selects_sparse or self.cfg.sparse_max_density == 0:
+        if not af.sparse_step_on():
             return None, None, None
         # a buffer recycled by a sparse step is taken when this SAE's last step went sparse too, so that a dense
         # SAE does not take it from a sparse one of the same width stepping in turn with it (a grouped sweep)
@@ -213,10 +208,10 @@ class SparseAutoEncoder(nn.Module):
         if entries is None:
             return None, None, dense_pre(x_BD, self.W_E, self.b_E, pre_BS)
         recycle_pre(pre_BS)  # the entries are copies: the next step may write over it
-        pre_N, rows_N, cols_N, offsets_B = sparse_pre(x_BD, self.W_E, self.b_E, entries)
+        pre_N, rows_N, cols_N, offsets_B, by_latent = sparse_pre(x_BD, self.W_E, self.b_E, entries)
         values_N = af.sparse_latents(pre_N, cols_N)
         sparsity = af.sparse_sparsity_loss(pre_N, values_N, cols_N, self.decoder_norms(), x_BD.shape[0])
-        return SparseLatents(values_N, rows_N, cols_N, offsets_B), sparsity, None
+        return SparseLatents(values_N, rows_N, cols_N, offsets_B, by_latent), sparsity, None
 
     def _aux_k_loss(self, x_BD: torch.Tensor, target_BD: torch.Tensor, reconstruction_BD: torch.Tensor,
                     dead_S: torch.Tensor | None) -> torch.Tensor | None:

@@ -1,5 +1,5 @@
-"""Training on the firing latents only, for any variant whose latents are sparse (ReLU, JumpReLU, BatchTopK, and
-the TopK path in sparse_topk.py).
+"""Training on the firing latents only, for any variant whose latents are sparse (ReLU, JumpReLU, TopK and
+BatchTopK).
 
 The encoder's forward stays dense: every pre-activation is needed to know which latents fire. The variant then
 names the entries of the (batch, d_sae) latents the step needs (those that fire, plus any whose gradient is not
@@ -31,11 +31,14 @@ class SparseLatents(NamedTuple):
     cols_N: torch.Tensor
     offsets_B: torch.Tensor
     """Where each row's entries start in the lists (its end is the next row's start)."""
+    by_latent: "ByLatent"
+    """The same entries in latent order, for the backward's products."""
 
     def decode(self, W_D_SD: torch.Tensor) -> torch.Tensor:
         """sum over a row's entries of value * W_D[col] (no bias). Under autocast the values may come in a lower
         precision than W_D; the products run at W_D's."""
-        return _SparseDecode.apply(self.values_N.to(W_D_SD.dtype), W_D_SD, self.rows_N, self.cols_N, self.offsets_B)
+        return _SparseDecode.apply(self.values_N.to(W_D_SD.dtype), W_D_SD, self.rows_N, self.cols_N, self.offsets_B,
+                                   self.by_latent)
 
     def firing_counts(self, d_sae: int) -> torch.Tensor:
         """(d_sae,) number of rows on which each latent is non-zero."""
@@ -51,15 +54,35 @@ def nonzero_entries(values_N: torch.Tensor, *indices_N: torch.Tensor) -> tuple[t
     return tuple(t.index_select(0, kept_M) for t in (values_N, *indices_N))
 
 
-def transposed_product(values_N: torch.Tensor, rows_N: torch.Tensor, cols_N: torch.Tensor, dense_BD: torch.Tensor,
-                       d_sae: int) -> torch.Tensor:
-    """(d_sae, d) G^T dense, G the sparse (batch, d_sae) matrix of the entries, zero ones dropped by the caller.
-    Latent s's row of the product is the sum of its entries' dense rows weighted by their values: an
-    embedding_bag over the entries sorted by latent. On a CPU the sort and the bag take about half the time of
-    sparse addmm's scatter of an uncoalesced COO matrix (13 vs 25 ms at 8x, 25 vs 47 ms at 32x, ~200K entries)."""
-    cols_M, by_latent_M = torch.sort(cols_N, stable=True)
-    return F.embedding_bag(rows_N[by_latent_M], dense_BD, row_offsets(cols_M, d_sae), mode="sum",
-                           per_sample_weights=values_N[by_latent_M])
+class ByLatent(NamedTuple):
+    """A step's entries in latent order (G^T as a CSR list, G the sparse (batch, d_sae) matrix): sorted once,
+    for both products G^T dense of the backward (W_D's gradient and W_E's)."""
+
+    order_N: torch.Tensor
+    """Entry positions, sorted by latent (stably, so rows ascend within one)."""
+    rows_N: torch.Tensor
+    cols_N: torch.Tensor
+    offsets_S: torch.Tensor
+    """Where each latent's entries start."""
+
+    @classmethod
+    def of(cls, rows_N: torch.Tensor, cols_N: torch.Tensor, d_sae: int) -> "ByLatent":
+        cols_sorted_N, order_N = torch.sort(cols_N, stable=True)
+        return cls(order_N, rows_N[order_N], cols_sorted_N, row_offsets(cols_sorted_N, d_sae))
+
+    def transposed_product(self, values_N: torch.Tensor, dense_BD: torch.Tensor) -> torch.Tensor:
+        """(d_sae, d) G^T dense, G holding `values_N` (in entry order) at the entries. Latent s's row is the sum
+        of its entries' dense rows weighted by their values: an embedding_bag. On a CPU that and the shared sort
+        take about half the time of sparse addmm's scatter of an uncoalesced COO matrix (~200K entries: 13 vs
+        25 ms at 8x, 25 vs 47 ms at 32x). Zero entries are dropped first (JumpReLU's window below the threshold
+        is most of its list; zero gradients add nothing)."""
+        values_M = values_N[self.order_N]
+        kept_M = values_M.nonzero().squeeze(1)
+        rows_M, offsets_S = self.rows_N, self.offsets_S
+        if len(kept_M) < len(values_M):
+            values_M, rows_M = values_M[kept_M], rows_M[kept_M]
+            offsets_S = row_offsets(self.cols_N[kept_M], len(offsets_S))
+        return F.embedding_bag(rows_M, dense_BD, offsets_S, mode="sum", per_sample_weights=values_M)
 
 
 TRANSPOSE_BLOCK = 64
@@ -83,15 +106,16 @@ class _SparseDecode(torch.autograd.Function):
     at every entry (a zero one's moves JumpReLU's threshold); W_D's only from the non-zero ones."""
 
     @staticmethod
-    def forward(ctx, values_N, W_D_SD, rows_N, cols_N, offsets_B):  # type: ignore[override]
+    def forward(ctx, values_N, W_D_SD, rows_N, cols_N, offsets_B, by_latent):  # type: ignore[override]
         nz_values_M, nz_rows_M, nz_cols_M = nonzero_entries(values_N, rows_N, cols_N)
         nz_offsets_B = offsets_B if len(nz_values_M) == len(values_N) else row_offsets(nz_rows_M, len(offsets_B))
-        ctx.save_for_backward(W_D_SD, cols_N, offsets_B, nz_values_M, nz_rows_M, nz_cols_M)
+        ctx.save_for_backward(values_N, W_D_SD, cols_N, offsets_B)
+        ctx.by_latent = by_latent  # index tensors, no autograd history
         return F.embedding_bag(nz_cols_M, W_D_SD, nz_offsets_B, mode="sum", per_sample_weights=nz_values_M)
 
     @staticmethod
     def backward(ctx, grad_BD):  # type: ignore[override]
-        W_D_SD, cols_N, offsets_B, nz_values_M, nz_rows_M, nz_cols_M = ctx.saved_tensors
+        values_N, W_D_SD, cols_N, offsets_B = ctx.saved_tensors
         batch, d_sae = len(offsets_B), W_D_SD.shape[0]
         grad_values = grad_W_D = None
         if ctx.needs_input_grad[0]:  # <grad[row], W_D[col]> at each entry: a sampled dense-dense product
@@ -102,8 +126,8 @@ class _SparseDecode(torch.autograd.Function):
                                               W_D_SD.new_zeros(len(cols_N)), (batch, d_sae), check_invariants=False)
             grad_values = torch.sparse.sampled_addmm(out, grad_BD.contiguous(), W_D_SD.T, beta=0.0, out=out).values()
         if ctx.needs_input_grad[1]:
-            grad_W_D = transposed_product(nz_values_M, nz_rows_M, nz_cols_M, grad_BD, d_sae)
-        return grad_values, grad_W_D, None, None, None
+            grad_W_D = ctx.by_latent.transposed_product(values_N, grad_BD)
+        return grad_values, grad_W_D, None, None, None, None
 
 
 class Entries(NamedTuple):
@@ -170,7 +194,7 @@ def entries_above(pre_BS: torch.Tensor, cut_S: torch.Tensor, max_density: float)
 
 def encoder_grads(
     needs_input_grad: tuple[bool, ...], x_BD: torch.Tensor, W_E_DS: torch.Tensor, grad_N: torch.Tensor,
-    rows_N: torch.Tensor, cols_N: torch.Tensor, offsets_B: torch.Tensor,
+    cols_N: torch.Tensor, offsets_B: torch.Tensor, by_latent: ByLatent,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(grad x, grad W_E, grad b_E) of pre = x W_E + b_E from the pre-activations' gradient at the selected entries."""
     grad_N = grad_N.to(x_BD.dtype)  # autocast: the sparse products run at the weights' precision
@@ -181,7 +205,7 @@ def encoder_grads(
         grad_x = F.embedding_bag(cols_N, W_E_DS.T.contiguous(), offsets_B, mode="sum", per_sample_weights=grad_N)
     if needs_input_grad[1]:
         # grad_W_E = x^T G with G the sparse (batch x d_sae) gradient: (G^T x)^T as a sparse-dense product.
-        grad_W_E = contiguous_transpose(transposed_product(*nonzero_entries(grad_N, rows_N, cols_N), x_BD, d_sae))
+        grad_W_E = contiguous_transpose(by_latent.transposed_product(grad_N, x_BD))
     if needs_input_grad[2]:
         grad_b_E = torch.zeros(d_sae, dtype=grad_N.dtype, device=grad_N.device).index_add_(0, cols_N, grad_N)
     return grad_x, grad_W_E, grad_b_E
@@ -192,15 +216,17 @@ class _SparsePre(torch.autograd.Function):
     `_DensePre` does); backward: encoder_grads."""
 
     @staticmethod
-    def forward(ctx, x_BD, W_E_DS, b_E_S, pre_N, rows_N, cols_N, offsets_B):  # type: ignore[override]
+    def forward(ctx, x_BD, W_E_DS, b_E_S, pre_N, cols_N, offsets_B, by_latent):  # type: ignore[override]
         ctx.mark_dirty(pre_N)
-        ctx.save_for_backward(x_BD, W_E_DS, rows_N, cols_N, offsets_B)
+        ctx.save_for_backward(x_BD, W_E_DS, cols_N, offsets_B)
+        ctx.by_latent = by_latent  # index tensors, no autograd history
         return pre_N
 
     @staticmethod
     def backward(ctx, grad_N):  # type: ignore[override]
-        x_BD, W_E_DS, rows_N, cols_N, offsets_B = ctx.saved_tensors
-        return *encoder_grads(ctx.needs_input_grad, x_BD, W_E_DS, grad_N, rows_N, cols_N, offsets_B), None, None, None, None
+        x_BD, W_E_DS, cols_N, offsets_B = ctx.saved_tensors
+        grads = encoder_grads(ctx.needs_input_grad, x_BD, W_E_DS, grad_N, cols_N, offsets_B, ctx.by_latent)
+        return *grads, None, None, None, None
 
 
 class _DensePre(torch.autograd.Function):
@@ -263,8 +289,11 @@ def dense_pre(x_BD: torch.Tensor, W_E_DS: torch.Tensor, b_E_S: torch.Tensor, pre
 
 
 def sparse_pre(x_BD: torch.Tensor, W_E_DS: torch.Tensor, b_E_S: torch.Tensor,
-               entries: Entries) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(pre_N, rows, cols, offsets) of the selected entries, pre_N with the sparse encoder backward."""
+               entries: Entries) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, ByLatent]:
+    """(pre_N, rows, cols, offsets, the entries by latent) of the selected entries, pre_N with the sparse
+    encoder backward."""
     rows_N, cols_N, pre_N = entries
     offsets_B = row_offsets(rows_N, x_BD.shape[0])
-    return _SparsePre.apply(x_BD, W_E_DS, b_E_S, pre_N, rows_N, cols_N, offsets_B), rows_N, cols_N, offsets_B
+    by_latent = ByLatent.of(rows_N, cols_N, W_E_DS.shape[1])
+    pre_N = _SparsePre.apply(x_BD, W_E_DS, b_E_S, pre_N, cols_N, offsets_B, by_latent)
+    return pre_N, rows_N, cols_N, offsets_B, by_latent

@@ -11,7 +11,7 @@ from lm_saes import distributed
 from lm_saes.errors import UserInputError
 from lm_saes.sae.act_base import ActivationFunction
 from lm_saes.sae.sparse_step import Entries
-from lm_saes.sae.sparse_topk import row_topk, sparse_topk_encode
+from lm_saes.sae.sparse_topk import row_topk
 
 if TYPE_CHECKING:
     from lm_saes.sae.config import SAEConfig
@@ -46,10 +46,19 @@ class TopK(ActivationFunction):
     def max_k(cls, cfg: "SAEConfig") -> int | None:
         return max(cfg.top_k, cfg.top_k_initial or 0)
 
-    def sparse_encode(
-        self, x_BD: torch.Tensor, W_E_DS: torch.Tensor, b_E_S: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        return sparse_topk_encode(x_BD, W_E_DS, b_E_S, self.k) if self.cfg.sparse_topk else None
+    selects_sparse = True
+
+    def sparse_step_on(self) -> bool:
+        return self.cfg.sparse_topk  # every step, whatever sae.sparse_max_density: k of d_sae is always sparse
+
+    def sparse_select(self, pre_BS: torch.Tensor, max_density: float) -> Entries | None:
+        values_BK, indices_BK = row_topk(pre_BS, self.k)
+        batch, k = values_BK.shape
+        rows_N = torch.arange(batch, device=pre_BS.device).repeat_interleave(k)
+        return Entries(rows_N, indices_BK.flatten(), values_BK.flatten())
+
+    def sparse_latents(self, pre_N: torch.Tensor, cols_N: torch.Tensor) -> torch.Tensor:
+        return torch.relu(pre_N)
 
     def select(self, pre_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, indices), each (batch, k): the kept latents, values after ReLU."""
@@ -81,20 +90,13 @@ class BatchTopK(TopK):
         final_start = total_steps - max(1, round(self.cfg.batchtopk_threshold_window * total_steps))
         self._final_weight = 1 / (step - final_start + 1) if step >= final_start else None
 
-    selects_sparse = True
-
-    def sparse_encode(
-        self, x_BD: torch.Tensor, W_E_DS: torch.Tensor, b_E_S: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        return None  # tokens share the batch's budget: no per-token k; the generic sparse step selects instead
+    def sparse_step_on(self) -> bool:
+        return ActivationFunction.sparse_step_on(self)  # decided by sae.sparse_max_density, not sae.sparse_topk
 
     def sparse_select(self, pre_BS: torch.Tensor, max_density: float) -> Entries | None:
         if not self.training or self.k > max_density * pre_BS.shape[1]:
             return None
         return self._sparse_batch_topk(pre_BS, self.k)
-
-    def sparse_latents(self, pre_N: torch.Tensor, cols_N: torch.Tensor) -> torch.Tensor:
-        return torch.relu(pre_N)
 
     def forward(self, pre_BS: torch.Tensor) -> torch.Tensor:
         if not self.training:
