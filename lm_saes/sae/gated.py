@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from lm_saes import metrics
 from lm_saes.sae.act_base import ActivationFunction
 
 if TYPE_CHECKING:
@@ -53,4 +54,4 @@ class Gated(ActivationFunction):
     def auxiliary_loss(self, x_BD: torch.Tensor, pre_BS: torch.Tensor, W_D_SD: torch.Tensor, b_D_D: torch.Tensor,
                        target_BD: torch.Tensor) -> torch.Tensor:
         reconstruction_BD = torch.relu(self.gate(pre_BS)) @ W_D_SD.detach() + b_D_D.detach()
-        return (reconstruction_BD - target_BD).pow(2).sum(dim=-1).mean()
+        return metrics.mse(target_BD, reconstruction_BD)

@@ -176,7 +176,7 @@ class SparseAutoEncoder(nn.Module):
                 reconstruction_BD = self.decode_normalized(latents_BS)
                 sparsity = af.sparsity_loss(pre_BS, latents_BS, self.decoder_norms())
             extra = af.auxiliary_loss(x_BD, pre_BS, self.W_D, self.b_D, target_BD)
-        mse = (reconstruction_BD - target_BD).pow(2).sum(dim=-1).mean()
+        mse = metrics.mse(target_BD, reconstruction_BD)
         own = None if sparse is not None else af.reconstruction_loss(pre_BS, latents_BS, self.W_D, self.b_D, target_BD)
         aux = self._aux_k_loss(x_BD, target_BD, reconstruction_BD, dead_S)
         loss = (mse if own is None else own) + sparsity_coefficient * sparsity + extra

@@ -67,7 +67,7 @@ class ByLatent(NamedTuple):
 
     @classmethod
     def of(cls, rows_N: torch.Tensor, cols_N: torch.Tensor, d_sae: int) -> "ByLatent":
-        cols_sorted_N, order_N = torch.sort(cols_N, stable=True)
+        cols_sorted_N, order_N = torch.sort(cols_N.int(), stable=True)  # int32 sorts in half the time of int64
         return cls(order_N, rows_N[order_N], cols_sorted_N, row_offsets(cols_sorted_N, d_sae))
 
     def transposed_product(self, values_N: torch.Tensor, dense_BD: torch.Tensor) -> torch.Tensor:

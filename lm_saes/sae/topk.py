@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lm_saes import distributed
+from lm_saes import distributed, metrics
 from lm_saes.errors import UserInputError
 from lm_saes.sae.act_base import ActivationFunction
 from lm_saes.sae.sparse_step import Entries
@@ -197,6 +197,6 @@ class MatryoshkaBatchTopK(BatchTopK):
         loss, reconstruction_BD, start = 0.0, b_D_D.expand_as(target_BD), 0
         for m, weight in zip(self.prefix_sizes(), self.prefix_weights()):  # each group adds to the prefix before
             reconstruction_BD = reconstruction_BD + latents_BS[:, start:m] @ W_D_SD[start:m]
-            loss = loss + weight * (reconstruction_BD - target_BD).pow(2).sum(dim=-1).mean()
+            loss = loss + weight * metrics.mse(target_BD, reconstruction_BD)
             start = m
         return loss
