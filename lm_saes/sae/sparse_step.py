@@ -47,7 +47,10 @@ class SparseLatents(NamedTuple):
 
 def nonzero_entries(values_N: torch.Tensor, *indices_N: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """(values, *indices) at the entries whose value is not zero (JumpReLU's window below the threshold: selected
-    for its gradient, often most of the list); the same tensors when every one is. One `nonzero`, one host sync."""
+    for its gradient, often most of the list); the same tensors when every one is. One `nonzero` on a CPU; on a
+    GPU the same tensors (a zero entry adds nothing), since `nonzero`'s size is a host sync, which stalls it."""
+    if values_N.device.type != "cpu":
+        return values_N, *indices_N
     kept_M = values_N.nonzero().squeeze(1)
     if len(kept_M) == len(values_N):
         return values_N, *indices_N
@@ -74,11 +77,11 @@ class ByLatent(NamedTuple):
         """(d_sae, d) G^T dense, G holding `values_N` (in entry order) at the entries. Latent s's row is the sum
         of its entries' dense rows weighted by their values: an embedding_bag. On a CPU that and the shared sort
         take about half the time of sparse addmm's scatter of an uncoalesced COO matrix (~200K entries: 13 vs
-        25 ms at 8x, 25 vs 47 ms at 32x). Zero entries are dropped first (JumpReLU's window below the threshold
-        is most of its list; zero gradients add nothing)."""
+        25 ms at 8x, 25 vs 47 ms at 32x). On a CPU zero entries are dropped first (JumpReLU's window below the
+        threshold is most of its list; zero gradients add nothing)."""
         values_M = values_N[self.order_N]
-        kept_M = values_M.nonzero().squeeze(1)
         rows_M, offsets_S = self.rows_N, self.offsets_S
+        kept_M = values_M.nonzero().squeeze(1) if values_M.device.type == "cpu" else values_M  # as nonzero_entries
         if len(kept_M) < len(values_M):
             values_M, rows_M = values_M[kept_M], rows_M[kept_M]
             offsets_S = row_offsets(self.cols_N[kept_M], len(offsets_S))
