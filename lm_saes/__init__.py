@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 # OpenMP threads that spin while they wait (libgomp's default) cost every parallel op a scheduler time slice when
 # other processes share the cores: on a shared 2-core CPU an op on 200K elements took ~10 ms instead of ~1 ms,
 # which made the sparse steps (many small ops) 1.6x their dense step instead of 2.7x. Threads that sleep cost a
-# wake-up per op instead: on the idle machine, within a few percent of spinning (README, the steps' idle table).
+# wake-up per op instead: on the idle machine, within a few percent of spinning (README, "OpenMP's wait policy").
 # libgomp reads this when torch loads it, so it is set before any torch import; a value the user set wins.
 # (PyTorch built with another OpenMP ignores it.)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -1,6 +1,7 @@
 """Quality of every SAE preset at one equal budget, on one activation cache of the embedded SmolLM2-135M.
 
     .venv/bin/python scripts/bench_quality.py [--budget 500000] [--cache-tokens 2000000] [--only cache]
+    .venv/bin/python scripts/bench_quality.py --presets relu_8x topk_8x --amp float32 bfloat16   # bf16's EV cost
 
 The cache (blocks.6 resid_post, ln2 input, MLP output; bfloat16) holds the built-in corpus minus its held-out
 tail, cycled until it reaches --cache-tokens; it is written once under ~/.cache/lm_saes/bench_quality and
@@ -88,12 +89,14 @@ def preset(name: str) -> tuple[SAEConfig, dict]:
     return SAEConfig(**{**data["sae"], "d_model": 576, "device": "cpu"}), data.get("trainer", {})
 
 
-def train_preset(name: str, cache: Path, budget: int, out: Path) -> tuple[SparseAutoEncoder, float]:
+def train_preset(name: str, cache: Path, budget: int, out: Path,
+                 amp_dtype: str = "float32") -> tuple[SparseAutoEncoder, float]:
     sae_cfg, trainer_overrides = preset(name)
     batches = stream(cache, sae_cfg)
     sae = Initializer(InitializerConfig()).initialize_sae_from_config(sae_cfg, batches)
     cfg = TrainerConfig(**{**trainer_overrides, "total_training_tokens": budget, "log_frequency": 100,
-                           "exp_result_path": str(out / name), "overwrite": True})
+                           "exp_result_path": str(out / f"{name}-{amp_dtype}"), "overwrite": True,
+                           "amp_dtype": amp_dtype})
     final = Trainer(cfg).fit(sae, batches)
     return sae, float(final["tokens_per_second"])
 
@@ -156,6 +159,8 @@ def main() -> None:
     parser.add_argument("--model-dtype", choices=("float32", "bfloat16"), default="float32",
                         help="the evaluation model's weights (CE and KL scores with the SAE spliced into it); the "
                              "cache is always the fp32 model's")
+    parser.add_argument("--amp", nargs="+", choices=("float32", "bfloat16"), default=["float32"],
+                        help="trainer.amp_dtype values: each preset trains once per value, on the same rows")
     parser.add_argument("--only", choices=("all", "cache"), default="all")
     args = parser.parse_args()
     cache = ensure_cache(args.cache_tokens)
@@ -169,7 +174,9 @@ def main() -> None:
                         f"{len(contexts) * 256:,} held-out tokens (embedded SmolLM2-135M, blocks.6)")
     for col in ("preset", "EV", "L0", "CE score", "KL score", "dead", "dense", "train tokens/s"):
         table.add_column(col, justify="left" if col == "preset" else "right")
-    runs = [(name, lambda name=name: train_preset(name, cache, args.budget, CACHE_ROOT / "runs")) for name in names]
+    runs = [(name if amp == "float32" else f"{name}, trainer.amp_dtype={amp}",
+             lambda name=name, amp=amp: train_preset(name, cache, args.budget, CACHE_ROOT / "runs", amp))
+            for name in names for amp in args.amp]
     if not args.no_reference:
         runs.append(("reference: plain TopK k=32 8x", lambda: reference_topk(cache, args.budget)))
     for name, train in runs:  # each row printed as soon as it is measured: a long run shows its progress

@@ -102,11 +102,11 @@ def sae_step(device: str, d_model: int, expansion: int, batch: int, repeat: int,
     seconds = timed(step, device, repeat)
     encoder_forward = 2 * batch * d_model * cfg.d_sae
     if act_fn == "topk" and sparse:
-        # Dense encoder forward; then five products over the k selected latents only: decoder forward,
-        # its two gradients, and the encoder's two gradients.
-        flops = encoder_forward + 5 * 2 * batch * top_k * d_model
-    else:
-        flops = 3 * 2 * encoder_forward  # encoder and decoder, forward plus a backward of twice the forward
+        # Dense encoder forward; then four products over the k selected latents only: decoder forward, its two
+        # gradients, and the encoder's weight gradient (as step_flops counts them).
+        flops = encoder_forward + 4 * 2 * batch * top_k * d_model
+    else:  # encoder and decoder forward, the decoder's two gradients, the encoder's weight gradient (x needs none)
+        flops = 5 * encoder_forward
     return batch / seconds, flops / seconds
 
 
@@ -249,10 +249,11 @@ def topk_phases(device: str, d_model: int, expansion: int, batch: int, steps: in
     phase runs everything before it too, so the differences are what each phase adds."""
     sae, run, batch_dict, _ = trainer_case(device, d_model, expansion, batch, "topk", True, "float32", run_dir)
     x, k = batch_dict["x"], sae.activation_function.k
+    out_BS = torch.empty(batch, sae.cfg.d_sae, device=device)  # as the step's own, which reuses its buffer
 
     def matmul() -> torch.Tensor:
         with torch.no_grad():
-            return torch.addmm(sae.b_E, x, sae.W_E)
+            return torch.addmm(sae.b_E, x, sae.W_E, out=out_BS)
 
     def forward():  # noqa: ANN202
         run.optimizer.zero_grad(set_to_none=True)

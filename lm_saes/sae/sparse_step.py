@@ -104,9 +104,10 @@ def contiguous_transpose(a_SD: torch.Tensor) -> torch.Tensor:
 
 
 class _SparseDecode(torch.autograd.Function):
-    """embedding_bag's forward over the non-zero entries; a backward that never sorts (embedding_bag's own sorts
-    the indices for W's gradient, several times the cost of the products on a CPU). The values' gradient is taken
-    at every entry (a zero one's moves JumpReLU's threshold); W_D's only from the non-zero ones."""
+    """embedding_bag's forward over the non-zero entries; a backward that does not sort (embedding_bag's own sorts
+    the indices for W's gradient, several times the cost of the products on a CPU): W_D's gradient is a product
+    over the step's entries in latent order (`ByLatent`, sorted once for it and W_E's). The values' gradient is
+    taken at every entry (a zero one's moves JumpReLU's threshold); W_D's only from the non-zero ones."""
 
     @staticmethod
     def forward(ctx, values_N, W_D_SD, rows_N, cols_N, offsets_B, by_latent):  # type: ignore[override]
@@ -156,7 +157,7 @@ def row_offsets(rows_N: torch.Tensor, batch: int) -> torch.Tensor:
 
 DENSITY_SAMPLE_ROWS = 64
 """Rows of the batch whose density decides the path: counting the whole batch costs a sparse step a tenth of its
-time, a sample of this size a few hundredths of a percent (64 x d_sae entries estimate a density near the 3%
+time, a sample of this size a few hundredths of a percent (64 x d_sae entries estimate a density near the 6%
 default within a few percent of itself); either path is exact, so an estimate only moves the crossover."""
 
 SELECT_GROUP = 8
@@ -175,10 +176,10 @@ def entries_above(pre_BS: torch.Tensor, cut_S: torch.Tensor, max_density: float)
     """The entries where pre > cut (a scalar, or one cut per latent), or None when more than `max_density` of a
     sample of rows are (a dense step is then cheaper). One host sync: the count decides the path.
 
-    Group j holds latents j, j + n_groups, j + 2 n_groups, ...: strided, so its maximum is an elementwise maximum of contiguous
-    slices, and the groups that may hold an entry come out row by row, as do their members that do. A group is
-    read again when its largest pre-activation exceeds its smallest cut, so no entry is missed; the members are
-    then compared with their own cuts, the same comparison as over the dense matrix."""
+    Group j holds latents j, j + n_groups, j + 2 n_groups, ...: strided, so its maximum is an elementwise maximum
+    of contiguous slices, and the groups that may hold an entry come out row by row, as do their members that do.
+    A group is read again when its largest pre-activation exceeds its smallest cut, so no entry is missed; the
+    members are then compared with their own cuts, the same comparison as over the dense matrix."""
     batch, d_sae = pre_BS.shape
     sample_RS = pre_BS[:DENSITY_SAMPLE_ROWS] > cut_S
     if int(torch.count_nonzero(sample_RS)) > max_density * sample_RS.numel():
