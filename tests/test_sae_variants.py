@@ -194,6 +194,13 @@ def test_entries_above_finds_every_entry_over_its_cut_row_by_row(d_sae: int, per
     assert entries_above(pre_BS, cut_S, max_density=0.01) is None  # denser than that: a dense step
 
 
+@pytest.mark.parametrize("rows", [64, 130])  # one whole block of TRANSPOSE_BLOCK rows; two and a part
+def test_contiguous_transpose_is_the_transpose(rows: int) -> None:
+    a_SD = torch.randn(rows, 7, dtype=torch.float64)
+    out_DS = sparse_step.contiguous_transpose(a_SD)
+    assert out_DS.is_contiguous() and torch.equal(out_DS, a_SD.T)
+
+
 def test_jumprelu_sparse_step_keeps_the_latents_just_below_the_threshold() -> None:
     # Their gradient moves the threshold (straight-through), so they are selected although they do not fire.
     _, out, _ = _step_fp64("jumprelu", 1.0)
