@@ -22,6 +22,7 @@ from lm_saes.checkpoint import Checkpoint
 from lm_saes.formatting import format_value
 from lm_saes.progress import TokenProgress
 from lm_saes.sae import SparseAutoEncoder
+from lm_saes.sae.sparse_step import release_recycled
 from lm_saes.trainer import (
     Evaluate,
     Preempted,
@@ -94,6 +95,7 @@ def fit_together(members: list[Member], stream: Iterator[ActivationBatch]) -> No
         preemption.restore()
         for run in runs.values():
             run.progress.close()
+        release_recycled()
 
 
 def _labelled_run(m: Member, batch_size: int, stream: Iterator[ActivationBatch]) -> _Run:

@@ -32,6 +32,7 @@ from lm_saes.errors import EmptyActivationStream
 from lm_saes.progress import TokenProgress
 from lm_saes.run_dir import METRICS_FILE, write_json_atomic
 from lm_saes.sae import SparseAutoEncoder
+from lm_saes.sae.sparse_step import release_recycled
 from lm_saes.training_state import StepTotals, TrainingState, step_totals
 
 Evaluate = Callable[[SparseAutoEncoder], dict[str, float | None]]
@@ -191,6 +192,7 @@ class Trainer:
         finally:
             preemption.restore()
             run.progress.close()
+            release_recycled()
         return run.finish(run.last_log, evaluate)
 
 

@@ -34,6 +34,22 @@ def test_training_learns_a_sparse_reconstruction(tmp_path) -> None:
     assert written["explained_variance"] == final["explained_variance"]
 
 
+def test_training_frees_the_sparse_steps_buffer_when_it_ends(tmp_path, monkeypatch) -> None:
+    from lm_saes.sae import sparse_step
+
+    held = []  # how many buffers were held after each step handed its pre-activations back
+    recycle = sparse_step.recycle_pre
+    monkeypatch.setattr("lm_saes.sae.model.recycle_pre",
+                        lambda pre: (recycle(pre), held.append(len(sparse_step._SPARE_PRE))))
+    torch.manual_seed(0)
+    sae = _sae()
+    sae.cfg = sae.cfg.model_copy(update={"sparse_max_density": 1.0})  # every step sparse
+    cfg = TrainerConfig(lr=3e-3, total_training_tokens=256 * 4, exp_result_path=str(tmp_path))
+    Trainer(cfg).fit(sae, planted_stream(8))
+    assert held and held[-1] == 1
+    assert sparse_step._SPARE_PRE == {}
+
+
 def test_budget_smaller_than_a_batch_is_refused(tmp_path) -> None:
     with pytest.raises(ValueError, match="smaller than one batch"):
         Trainer(TrainerConfig(total_training_tokens=100, exp_result_path=str(tmp_path))).fit(_sae(), planted_stream(2))

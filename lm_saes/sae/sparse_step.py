@@ -283,6 +283,12 @@ def pre_activations_once(x_BD: torch.Tensor, W_E_DS: torch.Tensor, b_E_S: torch.
         return torch.addmm(b_E_S.to(dtype), x_BD.to(dtype), W_E_DS.to(dtype), out=spare)
 
 
+def release_recycled() -> None:
+    """Free the recycled buffers (training ended: `Trainer.fit` and `fit_together` call this), so that a process
+    that trains and then does other work does not keep a (batch, d_sae) tensor per width."""
+    _SPARE_PRE.clear()
+
+
 def recycle_pre(pre_BS: torch.Tensor) -> None:
     """Hand back pre-activations that nothing refers to any more (a sparse step's, once its entries are copied
     out), for the next `pre_activations_once` of that shape to write into. CPU only: CUDA's allocator already
