@@ -111,13 +111,16 @@ def _step_fp64(act_fn: str, max_density: float, **kw) -> tuple:
 
 
 @pytest.mark.parametrize(("act_fn", "kw"), SPARSE_STEP_CASES)
-@pytest.mark.parametrize("branch", ["sparse", "dense_switch"])
-def test_sparse_step_matches_the_dense_reference(act_fn: str, kw: dict, branch: str) -> None:
+@pytest.mark.parametrize("branch", ["sparse", "sparse_column_blocks", "dense_switch"])
+def test_sparse_step_matches_the_dense_reference(act_fn: str, kw: dict, branch: str, monkeypatch) -> None:
     # sparse_max_density 0 is the variant's own dense path; 1 always takes the sparse step; a tiny density makes
-    # the switch decide dense, reusing the pre-activations it computed to decide.
+    # the switch decide dense, reusing the pre-activations it computed to decide. The tables here are too small
+    # for a CPU's column blocks: blocks of 5 of the 16 columns (the last one short) stand in for them.
     ref_sae, ref, ref_grads = _step_fp64(act_fn, 0.0, **kw)
-    sae, out, grads = _step_fp64(act_fn, 1.0 if branch == "sparse" else 1e-6, **kw)
-    assert (out.latents_BS is None) == (branch == "sparse")
+    if branch == "sparse_column_blocks":
+        monkeypatch.setattr(sparse_step, "column_block", lambda table: 5)
+    sae, out, grads = _step_fp64(act_fn, 1e-6 if branch == "dense_switch" else 1.0, **kw)
+    assert (out.latents_BS is None) == (branch != "dense_switch")
     torch.testing.assert_close(out.reconstruction_BD, ref.reconstruction_BD)
     for name in ("loss", "mse", "sparsity"):
         torch.testing.assert_close(getattr(out, name), getattr(ref, name), msg=name)
@@ -199,6 +202,24 @@ def test_contiguous_transpose_is_the_transpose(rows: int) -> None:
     a_SD = torch.randn(rows, 7, dtype=torch.float64)
     out_DS = sparse_step.contiguous_transpose(a_SD)
     assert out_DS.is_contiguous() and torch.equal(out_DS, a_SD.T)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_weighted_row_sums_over_column_blocks_match_one_embedding_bag(transposed: bool) -> None:
+    # 4,096 fp32 rows: blocks of 96 columns (1.5 MB), the last of 128 short; what the sparse step's bags read
+    table_RD = torch.randn(4096, 128, generator=torch.Generator().manual_seed(0))
+    assert sparse_step.column_block(table_RD) == 96
+    assert sparse_step.column_block(table_RD[:, :96]) is None  # one block would be the whole table
+    assert sparse_step.column_block(torch.empty(20_000, 576)) is None  # too tall for 32 columns: read whole
+    g = torch.Generator().manual_seed(1)
+    indices_N = torch.randint(0, 4096, (3000,), generator=g)
+    weights_N = torch.randn(3000, generator=g)
+    offsets_G = torch.arange(0, 3000, 30)
+    sums = sparse_step.weighted_row_sums(indices_N, table_RD, offsets_G, weights_N, transposed)
+    expected_GD = torch.nn.functional.embedding_bag(indices_N, table_RD, offsets_G, mode="sum",
+                                                    per_sample_weights=weights_N)
+    assert sums.is_contiguous()
+    torch.testing.assert_close(sums, expected_GD.T if transposed else expected_GD, rtol=0, atol=0)
 
 
 def test_jumprelu_sparse_step_keeps_the_latents_just_below_the_threshold() -> None:
