@@ -102,8 +102,9 @@ def _step_fp64(act_fn: str, max_density: float, **kw) -> tuple:
     """One fp64 loss and backward on a batch where about a fifth of the latents fire."""
     sae = _sae(act_fn, seed=1, dtype=torch.float64, sparse_max_density=max_density,
                jumprelu_init_threshold=0.3, jumprelu_bandwidth=0.1, **kw)
-    with torch.no_grad():
-        sae.b_E.sub_(1.0 if act_fn == "relu" else 0.0)
+    with torch.no_grad():  # a bias that differs by latent: the sparse step adds it at the selected entries only
+        jitter_S = 0.2 * torch.rand(sae.b_E.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+        sae.b_E.copy_(jitter_S - (1.0 if act_fn == "relu" else 0.1))
     x = torch.randn(64, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     out = sae.compute_loss(x, x, sparsity_coefficient=0.7)
     out.loss.backward()

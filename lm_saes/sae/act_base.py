@@ -42,15 +42,22 @@ class ActivationFunction(nn.Module):
     (relu's): a dense step then takes it from the decoder's own product, as one more column of W_D, sparing
     the passes over the (batch, d_sae) latents that it costs on its own (two forward, three backward)."""
     selects_sparse = False
-    """Whether it has the sparse step (`sparse_select` and the two methods after it; sae/sparse_step.py)."""
+    """Whether it has the sparse step (`sparse_cut` or `sparse_select`, and the two methods after them;
+    sae/sparse_step.py)."""
 
     def sparse_step_on(self) -> bool:
         """Whether training steps go through `sparse_select` (else the variant's plain dense path): by default
         while `sae.sparse_max_density` is above 0."""
         return self.selects_sparse and self.cfg.sparse_max_density > 0
 
+    def sparse_cut(self) -> torch.Tensor | None:
+        """For a variant whose sparse step needs exactly the entries where pre > a cut (a scalar, or one per
+        latent): that cut (without autograd history). The step then selects from x W_E against cut - b_E, adding
+        the bias only at the entries (`sparse_step.select_above_cut`). None: `sparse_select` picks the entries."""
+        return None
+
     def sparse_select(self, pre_BS: torch.Tensor, max_density: float) -> "Entries | None":
-        """The entries of pre_BS (rows ascending) of the latents a sparse step needs: those that fire, and any that
+        """For a variant without a `sparse_cut`: the entries of pre_BS (rows ascending) of the latents a sparse step needs: those that fire, and any that
         have a gradient without firing. None: step densely on this batch (more than `max_density` of its latents
         would be needed). Called once per training step, before `sparse_latents`."""
         return None

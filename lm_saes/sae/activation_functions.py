@@ -23,7 +23,6 @@ import torch
 from lm_saes.sae.act_base import ActivationFunction
 from lm_saes.sae.gated import Gated
 from lm_saes.sae.jumprelu import JumpReLU
-from lm_saes.sae.sparse_step import Entries, entries_above
 from lm_saes.sae.topk import BatchTopK, MatryoshkaBatchTopK, TopK
 
 if TYPE_CHECKING:
@@ -45,8 +44,8 @@ class ReLU(ActivationFunction):
     def activate_in_place(self, pre_BS: torch.Tensor) -> torch.Tensor:
         return torch.relu_(pre_BS)  # no method of relu's reads pre itself
 
-    def sparse_select(self, pre_BS: torch.Tensor, max_density: float) -> Entries | None:
-        return entries_above(pre_BS, pre_BS.new_zeros(()), max_density)
+    def sparse_cut(self) -> torch.Tensor:
+        return torch.zeros(())  # a 0-dim CPU tensor: compared with a tensor on any device as a scalar
 
     def sparse_latents(self, pre_N: torch.Tensor, cols_N: torch.Tensor) -> torch.Tensor:
         return torch.relu(pre_N)

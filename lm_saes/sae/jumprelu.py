@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from lm_saes.sae.act_base import ActivationFunction
-from lm_saes.sae.sparse_step import Entries, entries_above
 
 if TYPE_CHECKING:
     from lm_saes.sae.config import SAEConfig
@@ -86,13 +85,12 @@ class JumpReLU(ActivationFunction):
     def forward(self, pre_BS: torch.Tensor) -> torch.Tensor:
         return _JumpReLUFunction.apply(pre_BS, self.threshold_S, self.bandwidth)
 
-    def sparse_select(self, pre_BS: torch.Tensor, max_density: float) -> Entries | None:
+    def sparse_cut(self) -> torch.Tensor:
         # The firing latents and those within the kernel's window below the threshold, whose gradient moves it.
         # The bound sits a thousandth of the window lower than theta - eps/2, far beyond the rounding of the
         # kernel's pre - theta, so no entry the kernel counts is missed (an extra one adds zero to everything).
         with torch.no_grad():
-            bound_S = self.threshold_S - self.bandwidth * 0.501
-            return entries_above(pre_BS, bound_S, max_density)
+            return self.threshold_S - self.bandwidth * 0.501
 
     def sparse_latents(self, pre_N: torch.Tensor, cols_N: torch.Tensor) -> torch.Tensor:
         return _JumpReLUFunction.apply(pre_N, self.threshold_S[cols_N], self.bandwidth)

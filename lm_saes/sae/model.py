@@ -16,7 +16,14 @@ from lm_saes import metrics
 from lm_saes.errors import UserInputError
 from lm_saes.sae.activation_functions import ACTIVATION_FUNCTIONS, ActivationFunction, build_activation_function
 from lm_saes.sae.config import CONFIG_FILE, SAEConfig
-from lm_saes.sae.sparse_step import SparseLatents, dense_pre, pre_activations_once, recycle_pre, sparse_pre
+from lm_saes.sae.sparse_step import (
+    SparseLatents,
+    dense_pre,
+    pre_activations_once,
+    recycle_pre,
+    select_above_cut,
+    sparse_pre,
+)
 from lm_saes.sae.sparse_topk import sparse_decode
 
 if TYPE_CHECKING:
@@ -202,8 +209,12 @@ class SparseAutoEncoder(nn.Module):
             return None, None, None
         # a buffer recycled by a sparse step is taken when this SAE's last step went sparse too, so that a dense
         # SAE does not take it from a sparse one of the same width stepping in turn with it (a grouped sweep)
-        pre_BS = pre_activations_once(x_BD, self.W_E, self.b_E, reuse=self._last_step_sparse)
-        entries = af.sparse_select(pre_BS, self.cfg.sparse_max_density)
+        reuse, max_density, cut_S = self._last_step_sparse, self.cfg.sparse_max_density, af.sparse_cut()
+        if cut_S is None:
+            pre_BS = pre_activations_once(x_BD, self.W_E, self.b_E, reuse=reuse)
+            entries = af.sparse_select(pre_BS, max_density)
+        else:
+            entries, pre_BS = select_above_cut(x_BD, self.W_E, self.b_E, cut_S, max_density, reuse)
         self._last_step_sparse = entries is not None
         if entries is None:
             return None, None, dense_pre(x_BD, self.W_E, self.b_E, pre_BS)
