@@ -68,3 +68,17 @@ def test_save_and_load_round_trip_exactly(tmp_path) -> None:
     for name, tensor in loaded.state_dict().items():
         assert torch.equal(again.state_dict()[name], tensor), name
     assert again.cfg == loaded.cfg
+
+
+def test_decoder_norms_have_autograds_gradient_with_one_pass() -> None:
+    # _RowNorms' backward against autograd's own norm, a zero row included (its gradient is zero, not NaN)
+    sae = SparseAutoEncoder(SAEConfig(hook_point_in="in", d_model=6, expansion_factor=2, dtype="float64"))
+    with torch.no_grad():
+        sae.W_D[3] = 0
+    weights_S = torch.randn(12, dtype=torch.float64)
+    (sae.decoder_norms() * weights_S).sum().backward()
+    W_SD = sae.W_D.detach().clone().requires_grad_()
+    (W_SD.norm(dim=1) * weights_S).sum().backward()
+    torch.testing.assert_close(sae.decoder_norms(), W_SD.norm(dim=1))
+    torch.testing.assert_close(sae.W_D.grad, W_SD.grad)
+    assert sae.W_D.grad[3].abs().sum() == 0 and sae.W_D.grad.abs().sum() > 0

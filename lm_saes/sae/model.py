@@ -64,6 +64,25 @@ class SAELoss(NamedTuple):
         return self.sparse.firing_counts(d_sae)
 
 
+class _RowNorms(torch.autograd.Function):
+    """||W[s]|| for each row s, with a backward of one pass over W: W * (grad / norm) per row. autograd's own
+    divides W by the norms, then multiplies by the gradient, two passes over the decoder in every training step
+    (relu, jumprelu and gated weight their penalty by the decoder norms): 4.5 vs 2.3 ms at 8x on a 2-core CPU.
+    A zero row's gradient is zero, as autograd's is."""
+
+    @staticmethod
+    def forward(ctx, W_SD):  # type: ignore[override]
+        norms_S = torch.linalg.vector_norm(W_SD, dim=1)
+        ctx.save_for_backward(W_SD, norms_S)
+        return norms_S
+
+    @staticmethod
+    def backward(ctx, grad_S):  # type: ignore[override]
+        W_SD, norms_S = ctx.saved_tensors
+        scale_S = (grad_S / norms_S).masked_fill_(norms_S == 0, 0)
+        return W_SD * scale_S.unsqueeze(1).to(W_SD.dtype)
+
+
 class SparseAutoEncoder(nn.Module):
     """x -> f = act(x W_E + b_E) -> x_hat = f W_D + b_D, on dataset-normalised activations.
 
@@ -125,7 +144,7 @@ class SparseAutoEncoder(nn.Module):
             self.train(was_training)
 
     def decoder_norms(self) -> torch.Tensor:
-        return self.W_D.norm(dim=1)
+        return _RowNorms.apply(self.W_D)
 
     # --- training ---
     @property
