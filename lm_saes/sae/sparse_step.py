@@ -157,18 +157,34 @@ class _SparseDecode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_BD):  # type: ignore[override]
         values_N, W_D_SD, cols_N, offsets_B = ctx.saved_tensors
-        batch, d_sae = len(offsets_B), W_D_SD.shape[0]
         grad_values = grad_W_D = None
-        if ctx.needs_input_grad[0]:  # <grad[row], W_D[col]> at each entry: a sampled dense-dense product
-            with warnings.catch_warnings():  # "CSR support is in beta": sampled_addmm has been stable since 1.13
-                warnings.simplefilter("ignore", UserWarning)
-                # written into itself, so no copy of the pattern is made; zeros, as beta * NaN is NaN
-                out = torch.sparse_csr_tensor(torch.cat([offsets_B, offsets_B.new_tensor([len(cols_N)])]), cols_N,
-                                              W_D_SD.new_zeros(len(cols_N)), (batch, d_sae), check_invariants=False)
-            grad_values = torch.sparse.sampled_addmm(out, grad_BD.contiguous(), W_D_SD.T, beta=0.0, out=out).values()
+        if ctx.needs_input_grad[0]:  # <grad[row], W_D[col]> at each entry
+            grad_values = sampled_dots(grad_BD.contiguous(), W_D_SD, offsets_B, cols_N)
         if ctx.needs_input_grad[1]:
             grad_W_D = ctx.by_latent.transposed_product(values_N, grad_BD)
         return grad_values, grad_W_D, None, None, None, None
+
+
+def sampled_dots(a_BD: torch.Tensor, b_SD: torch.Tensor, offsets_B: torch.Tensor, cols_N: torch.Tensor) -> torch.Tensor:
+    """<a[row], b[col]> at each entry of a CSR list: a sampled dense-dense product (`sampled_addmm`). On a CPU
+    over column blocks when both tables have them (`column_block`), summed: 8.7 vs 10.5 ms at 8x; at 32x W_D is
+    too tall for a block, and blocks of a single table were slower there (17 vs 15 ms)."""
+    widths = [column_block(a_BD), column_block(b_SD)]
+    width = None if None in widths else min(widths)
+    crow = torch.cat([offsets_B, offsets_B.new_tensor([len(cols_N)])])
+    dots_N = None
+    for start in range(0, a_BD.shape[1], width or a_BD.shape[1]):
+        stop = start + (width or a_BD.shape[1])
+        with warnings.catch_warnings():  # "CSR support is in beta": sampled_addmm has been stable since 1.13
+            warnings.simplefilter("ignore", UserWarning)
+            # written into itself, so no copy of the pattern is made; zeros, as beta * NaN is NaN
+            out = torch.sparse_csr_tensor(crow, cols_N, a_BD.new_zeros(len(cols_N)), (len(a_BD), len(b_SD)),
+                                          check_invariants=False)
+        block_N = torch.sparse.sampled_addmm(out, a_BD[:, start:stop], b_SD[:, start:stop].T, beta=0.0,
+                                             out=out).values()
+        dots_N = block_N if dots_N is None else dots_N.add_(block_N)
+    assert dots_N is not None
+    return dots_N
 
 
 class Entries(NamedTuple):
