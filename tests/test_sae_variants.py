@@ -207,15 +207,15 @@ def test_contiguous_transpose_is_the_transpose(rows: int) -> None:
 
 @pytest.mark.parametrize("transposed", [False, True])
 def test_weighted_row_sums_over_column_blocks_match_one_embedding_bag(transposed: bool) -> None:
-    # 4,096 fp32 rows: blocks of 96 columns (1.5 MB), the last of 128 short; what the sparse step's bags read
+    # 4,096 fp32 rows: blocks of 96 columns (1.5 MB), the last of 128 short; what the sparse step's bags read.
     table_RD = torch.randn(4096, 128, generator=torch.Generator().manual_seed(0))
     assert sparse_step.column_block(table_RD) == 96
     assert sparse_step.column_block(table_RD[:, :96]) is None  # one block would be the whole table
     assert sparse_step.column_block(torch.empty(20_000, 576)) is None  # too tall for 32 columns: read whole
-    g = torch.Generator().manual_seed(1)
-    indices_N = torch.randint(0, 4096, (3000,), generator=g)
-    weights_N = torch.randn(3000, generator=g)
-    offsets_G = torch.arange(0, 3000, 30)
+    g = torch.Generator().manual_seed(1)  # 6,000 bags: the transposed result is written in two tiles of 4,096
+    indices_N = torch.randint(0, 4096, (12_000,), generator=g)
+    weights_N = torch.randn(12_000, generator=g)
+    offsets_G = torch.arange(0, 12_000, 2)
     sums = sparse_step.weighted_row_sums(indices_N, table_RD, offsets_G, weights_N, transposed)
     expected_GD = torch.nn.functional.embedding_bag(indices_N, table_RD, offsets_G, mode="sum",
                                                     per_sample_weights=weights_N)
