@@ -32,7 +32,7 @@ from lm_saes.errors import EmptyActivationStream
 from lm_saes.progress import TokenProgress
 from lm_saes.run_dir import METRICS_FILE, write_json_atomic
 from lm_saes.sae import SparseAutoEncoder
-from lm_saes.sae.sparse_step import release_recycled
+from lm_saes.sae.sparse_step import recycle_grads, release_recycled
 from lm_saes.training_state import StepTotals, TrainingState, step_totals
 
 Evaluate = Callable[[SparseAutoEncoder], dict[str, float | None]]
@@ -248,6 +248,7 @@ class _Run:
             device_type=torch.device(sae_cfg.device).type, dtype=cfg.amp_dtype, enabled=cfg.amp_dtype != torch.float32,
         ):
             out = self.sae.compute_loss(x_in_BD, x_out_BD, self.sparsity_coefficient(step), dead_S=dead_S)
+        recycle_grads(self.sae.parameters())  # last step's, used: the sparse backward writes into them again
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         n = len(batch["tokens"])

@@ -146,9 +146,9 @@ def test_the_next_step_writes_into_a_sparse_steps_pre_activations_without_changi
     ref.loss.backward()
     sae = _sae(act_fn, seed=1, **kw)
     first = sae.compute_loss(x1, x1, 0.7)
-    buffer = sparse_step._SPARE_PRE[((64, 128), torch.float32)]
+    buffer = sparse_step._SPARE[((64, 128), torch.float32)]
     second = sae.compute_loss(x2, x2, 0.7)
-    assert sparse_step._SPARE_PRE[((64, 128), torch.float32)] is buffer  # taken, written over, handed back
+    assert sparse_step._SPARE[((64, 128), torch.float32)] is buffer  # taken, written over, handed back
     assert not torch.equal(first.reconstruction_BD, second.reconstruction_BD)
     first.loss.backward()
     torch.testing.assert_close(first.reconstruction_BD, ref.reconstruction_BD, rtol=0, atol=0)

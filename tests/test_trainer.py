@@ -38,16 +38,48 @@ def test_training_frees_the_sparse_steps_buffer_when_it_ends(tmp_path, monkeypat
     from lm_saes.sae import sparse_step
 
     held = []  # how many buffers were held after each step handed its pre-activations back
-    recycle = sparse_step.recycle_pre
-    monkeypatch.setattr("lm_saes.sae.model.recycle_pre",
-                        lambda pre: (recycle(pre), held.append(len(sparse_step._SPARE_PRE))))
+    recycle = sparse_step.recycle
+    monkeypatch.setattr("lm_saes.sae.model.recycle",
+                        lambda pre: (recycle(pre), held.append(len(sparse_step._SPARE))))
     torch.manual_seed(0)
     sae = _sae()
     sae.cfg = sae.cfg.model_copy(update={"sparse_max_density": 1.0})  # every step sparse
     cfg = TrainerConfig(lr=3e-3, total_training_tokens=256 * 4, exp_result_path=str(tmp_path))
     Trainer(cfg).fit(sae, planted_stream(8))
-    assert held and held[-1] == 1
-    assert sparse_step._SPARE_PRE == {}
+    assert held and held[-1] >= 1
+    assert sparse_step._SPARE == {}
+
+
+def test_the_sparse_backward_writes_into_last_steps_gradients_without_changing_training(tmp_path,
+                                                                                       monkeypatch) -> None:
+    from lm_saes.sae import sparse_step
+
+    def train(recycling: bool, run_dir) -> tuple[dict, int]:
+        reused = []  # the gradients' shapes that a step's backward found recycled and wrote into
+        spare_or_empty = sparse_step.spare_or_empty
+
+        def taking(shape, like):
+            spare = sparse_step._SPARE.get((tuple(shape), like.dtype))
+            out = spare_or_empty(shape, like)
+            if out is spare:
+                reused.append(tuple(shape))
+            return out
+
+        monkeypatch.setattr(sparse_step, "spare_or_empty", taking)
+        if not recycling:
+            monkeypatch.setattr("lm_saes.trainer.recycle_grads", lambda params: None)
+        torch.manual_seed(0)
+        sae = _sae()
+        sae.cfg = sae.cfg.model_copy(update={"sparse_max_density": 1.0})  # every step sparse
+        cfg = TrainerConfig(lr=3e-3, total_training_tokens=256 * 5, exp_result_path=str(run_dir))
+        Trainer(cfg).fit(sae, planted_stream(8))
+        return {k: v.clone() for k, v in sae.state_dict().items()}, reused.count(tuple(sae.W_E.shape))
+
+    recycled, reused = train(True, tmp_path / "recycled")
+    fresh, reused_without = train(False, tmp_path / "fresh")
+    assert (reused, reused_without) == (4, 0)  # steps 2-5 wrote W_E's gradient into the step before's
+    for name, value in fresh.items():
+        assert torch.equal(recycled[name], value), name
 
 
 def test_budget_smaller_than_a_batch_is_refused(tmp_path) -> None:

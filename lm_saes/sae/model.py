@@ -20,7 +20,7 @@ from lm_saes.sae.sparse_step import (
     SparseLatents,
     dense_pre,
     pre_activations_once,
-    recycle_pre,
+    recycle,
     select_above_cut,
     sparse_pre,
 )
@@ -237,7 +237,7 @@ class SparseAutoEncoder(nn.Module):
         self._last_step_sparse = entries is not None
         if entries is None:
             return None, None, dense_pre(x_BD, self.W_E, self.b_E, pre_BS)
-        recycle_pre(pre_BS)  # the entries are copies: the next step may write over it
+        recycle(pre_BS)  # the entries are copies: the next step may write over it
         pre_N, rows_N, cols_N, offsets_B, by_latent = sparse_pre(x_BD, self.W_E, self.b_E, entries)
         values_N = af.sparse_latents(pre_N, cols_N)
         sparsity = af.sparse_sparsity_loss(pre_N, values_N, cols_N, self.decoder_norms(), x_BD.shape[0])

@@ -16,6 +16,7 @@ handed to autograd with the usual dense backward, so a dense step does not multi
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import torch
@@ -116,7 +117,7 @@ def weighted_row_sums(indices_N: torch.Tensor, table_RD: torch.Tensor, offsets_G
         sums_GD = F.embedding_bag(indices_N, table_RD, offsets_G, mode="sum", per_sample_weights=weights_N)
         return contiguous_transpose(sums_GD) if transposed else sums_GD
     d = table_RD.shape[1]
-    out = table_RD.new_empty((d, len(offsets_G)) if transposed else (len(offsets_G), d))
+    out = spare_or_empty((d, len(offsets_G)) if transposed else (len(offsets_G), d), table_RD)
     for start in range(0, d, width):
         block = F.embedding_bag(indices_N, table_RD[:, start:start + width], offsets_G, mode="sum",
                                 per_sample_weights=weights_N)
@@ -138,7 +139,7 @@ def contiguous_transpose(a_SD: torch.Tensor) -> torch.Tensor:
     copying block by block takes half as long (2.6 vs 5.0 ms at 576 x 4,608). On a GPU: a.T, one kernel."""
     if a_SD.device.type != "cpu":
         return a_SD.T
-    out_DS = a_SD.new_empty(a_SD.shape[1], a_SD.shape[0])
+    out_DS = spare_or_empty((a_SD.shape[1], a_SD.shape[0]), a_SD)
     for start in range(0, a_SD.shape[0], TRANSPOSE_BLOCK):
         out_DS[:, start:start + TRANSPOSE_BLOCK].copy_(a_SD[start:start + TRANSPOSE_BLOCK].T)
     return out_DS
@@ -315,23 +316,49 @@ class _DensePre(torch.autograd.Function):
         return grad_x, grad_W_E, grad_b_E, None
 
 
-_SPARE_PRE: dict[tuple[tuple[int, int], torch.dtype], torch.Tensor] = {}
-"""(batch, d_sae) CPU tensors that a sparse step no longer needs (`recycle_pre`), one per shape and dtype. A
-tensor that size comes fresh from the OS on every allocation (glibc maps anything over 32 MB anew), and faulting
-its pages in costs about a fifth of the encoder's product (8x: 86 vs 69 ms, 32x: 342 vs 282 ms). One per shape,
-not per SAE: a grouped sweep keeps one buffer per width, shared by the SAEs of that width, which step in turn."""
+_SPARE: dict[tuple[tuple[int, ...], torch.dtype], torch.Tensor] = {}
+"""CPU tensors that nothing refers to any more (`recycle`), one per shape and dtype, for the next tensor of that
+shape to be written into: a sparse step's (batch, d_sae) pre-activations, and the SAE's gradients once the
+optimizer has stepped (the trainer hands them back), which the sparse backward's products write into
+(`spare_or_empty`). A tensor over 32 MB comes fresh from the OS on every allocation (glibc maps it anew), and
+faulting its pages in costs about a fifth of the encoder's product (8x: 86 vs 69 ms, 32x: 342 vs 282 ms); at 32x
+W_E's and W_D's gradients are 42 MB each. One per shape, not per SAE: a grouped sweep keeps one of each per
+width, shared by the SAEs of that width, which step in turn."""
+
+
+def spare_or_empty(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor of `shape` in `like`'s dtype and device: a recycled one when there is one."""
+    spare = _SPARE.pop((tuple(shape), like.dtype), None) if like.device.type == "cpu" else None
+    return like.new_empty(shape) if spare is None else spare
+
+
+def recycle(tensor: torch.Tensor) -> None:
+    """Hand back a tensor that nothing refers to any more (a sparse step's pre-activations once its entries are
+    copied out; a gradient the optimizer has used), for the next one of its shape to write into. CPU only:
+    CUDA's allocator already reuses memory."""
+    if tensor.device.type == "cpu" and tensor.is_contiguous():
+        _SPARE[(tuple(tensor.shape), tensor.dtype)] = tensor
+
+
+def recycle_grads(params: Iterable[torch.Tensor]) -> None:
+    """Hand back the parameters' gradients, for the step about to clear them (zero_grad(set_to_none=True)):
+    the trainer's, after the optimizer has stepped and before the next backward."""
+    for param in params:
+        if param.grad is not None:
+            recycle(param.grad)
 
 
 def pre_activations_once(x_BD: torch.Tensor, W_E_DS: torch.Tensor, b_E_S: torch.Tensor | None,
                          reuse: bool = True) -> torch.Tensor:
     """x W_E + b_E (x W_E when b_E is None) without autograd: the values a variant selects from; `dense_pre` or
-    `sparse_pre` then attaches the gradient of the branch taken. With `reuse` (the caller expects a sparse step, which gives the
-    buffer back), written into a recycled buffer when there is one of its shape (under autocast in autocast's
-    dtype, as autocast's own addmm would compute it); a dense step keeps its pre-activations for the backward."""
+    `sparse_pre` then attaches the gradient of the branch taken. With `reuse` (the caller expects a sparse step,
+    which gives the buffer back), written into a recycled buffer when there is one of its shape (under autocast
+    in autocast's dtype, as autocast's own addmm would compute it); a dense step keeps its pre-activations for
+    the backward."""
     device = x_BD.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_BD.dtype
     key = ((x_BD.shape[0], W_E_DS.shape[1]), dtype)
-    spare = _SPARE_PRE.pop(key, None) if reuse and device == "cpu" else None
+    spare = _SPARE.pop(key, None) if reuse and device == "cpu" else None
     with torch.no_grad():
         if b_E_S is None:
             return torch.mm(x_BD, W_E_DS) if spare is None else torch.mm(x_BD.to(dtype), W_E_DS.to(dtype), out=spare)
@@ -356,17 +383,9 @@ def select_above_cut(x_BD: torch.Tensor, W_E_DS: torch.Tensor, b_E_S: torch.Tens
 
 
 def release_recycled() -> None:
-    """Free the recycled buffers (training ended: `Trainer.fit` and `fit_together` call this), so that a process
-    that trains and then does other work does not keep a (batch, d_sae) tensor per width."""
-    _SPARE_PRE.clear()
-
-
-def recycle_pre(pre_BS: torch.Tensor) -> None:
-    """Hand back pre-activations that nothing refers to any more (a sparse step's, once its entries are copied
-    out), for the next `pre_activations_once` of that shape to write into. CPU only: CUDA's allocator already
-    reuses memory."""
-    if pre_BS.device.type == "cpu":
-        _SPARE_PRE[(tuple(pre_BS.shape), pre_BS.dtype)] = pre_BS
+    """Free the recycled tensors (training ended: `Trainer.fit` and `fit_together` call this), so that a process
+    that trains and then does other work does not keep a (batch, d_sae) tensor and gradients per width."""
+    _SPARE.clear()
 
 
 def dense_pre(x_BD: torch.Tensor, W_E_DS: torch.Tensor, b_E_S: torch.Tensor, pre_BS: torch.Tensor) -> torch.Tensor:
