@@ -21,6 +21,7 @@ from lm_saes.sae.sparse_step import (
     dense_pre,
     pre_activations_once,
     recycle,
+    row_norms,
     select_above_cut,
     sparse_pre,
 )
@@ -62,25 +63,6 @@ class SAELoss(NamedTuple):
             return metrics.firing_counts(self.latents_BS)
         assert self.sparse is not None
         return self.sparse.firing_counts(d_sae)
-
-
-class _RowNorms(torch.autograd.Function):
-    """||W[s]|| for each row s, with a backward of one pass over W: W * (grad / norm) per row. autograd's own
-    divides W by the norms, then multiplies by the gradient, two passes over the decoder in every training step
-    (relu, jumprelu and gated weight their penalty by the decoder norms): 4.5 vs 2.3 ms at 8x on a 2-core CPU.
-    A zero row's gradient is zero, as autograd's is."""
-
-    @staticmethod
-    def forward(ctx, W_SD):  # type: ignore[override]
-        norms_S = torch.linalg.vector_norm(W_SD, dim=1)
-        ctx.save_for_backward(W_SD, norms_S)
-        return norms_S
-
-    @staticmethod
-    def backward(ctx, grad_S):  # type: ignore[override]
-        W_SD, norms_S = ctx.saved_tensors
-        scale_S = (grad_S / norms_S).masked_fill_(norms_S == 0, 0)
-        return W_SD * scale_S.unsqueeze(1).to(W_SD.dtype)
 
 
 class SparseAutoEncoder(nn.Module):
@@ -144,7 +126,7 @@ class SparseAutoEncoder(nn.Module):
             self.train(was_training)
 
     def decoder_norms(self) -> torch.Tensor:
-        return _RowNorms.apply(self.W_D)
+        return row_norms(self.W_D)
 
     # --- training ---
     @property
@@ -187,9 +169,9 @@ class SparseAutoEncoder(nn.Module):
         af = self.activation_function
         latents_BS = None
         extra = x_BD.new_zeros(())
-        sparse, sparsity, pre_BS = self._training_encode(x_BD)
+        sparse, sparsity, pre_BS, decoded_BD = self._training_encode(x_BD)
         if sparse is not None:
-            reconstruction_BD = sparse.decode(self.W_D) + self.b_D
+            reconstruction_BD = decoded_BD + self.b_D
         else:
             if pre_BS is None:
                 pre_BS = af.pre_activations(x_BD, self.W_E, self.b_E)
@@ -220,12 +202,13 @@ class SparseAutoEncoder(nn.Module):
 
     def _training_encode(
         self, x_BD: torch.Tensor
-    ) -> tuple[SparseLatents | None, torch.Tensor | None, torch.Tensor | None]:
-        """(latents, sparsity penalty, None) for a sparse step; (None, None, pre-activations) for a dense one
-        whose pre-activations were computed to decide; (None, None, None) for the variant's plain dense path."""
+    ) -> tuple[SparseLatents | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """(latents, sparsity penalty, None, their decoding without b_D) for a sparse step; (None, None,
+        pre-activations, None) for a dense one whose pre-activations were computed to decide; all None for the
+        variant's plain dense path."""
         af = self.activation_function
         if not af.sparse_step_on():
-            return None, None, None
+            return None, None, None, None
         # a buffer recycled by a sparse step is taken when this SAE's last step went sparse too, so that a dense
         # SAE does not take it from a sparse one of the same width stepping in turn with it (a grouped sweep)
         reuse, max_density, cut_S = self._last_step_sparse, self.cfg.sparse_max_density, af.sparse_cut()
@@ -236,12 +219,13 @@ class SparseAutoEncoder(nn.Module):
             entries, pre_BS = select_above_cut(x_BD, self.W_E, self.b_E, cut_S, max_density, reuse)
         self._last_step_sparse = entries is not None
         if entries is None:
-            return None, None, dense_pre(x_BD, self.W_E, self.b_E, pre_BS)
+            return None, None, dense_pre(x_BD, self.W_E, self.b_E, pre_BS), None
         recycle(pre_BS)  # the entries are copies: the next step may write over it
         pre_N, rows_N, cols_N, offsets_B, by_latent = sparse_pre(x_BD, self.W_E, self.b_E, entries)
-        values_N = af.sparse_latents(pre_N, cols_N)
-        sparsity = af.sparse_sparsity_loss(pre_N, values_N, cols_N, self.decoder_norms(), x_BD.shape[0])
-        return SparseLatents(values_N, rows_N, cols_N, offsets_B, by_latent), sparsity, None
+        latents = SparseLatents(af.sparse_latents(pre_N, cols_N), rows_N, cols_N, offsets_B, by_latent)
+        decoded_BD, decoder_norms_S = latents.decode_with_norms(self.W_D)
+        sparsity = af.sparse_sparsity_loss(pre_N, latents.values_N, cols_N, decoder_norms_S, x_BD.shape[0])
+        return latents, sparsity, None, decoded_BD
 
     def _aux_k_loss(self, x_BD: torch.Tensor, target_BD: torch.Tensor, reconstruction_BD: torch.Tensor,
                     dead_S: torch.Tensor | None) -> torch.Tensor | None:

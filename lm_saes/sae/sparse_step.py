@@ -35,9 +35,11 @@ class SparseLatents(NamedTuple):
     by_latent: "ByLatent"
     """The same entries in latent order, for the backward's products."""
 
-    def decode(self, W_D_SD: torch.Tensor) -> torch.Tensor:
-        """sum over a row's entries of value * W_D[col] (no bias). Under autocast the values may come in a lower
-        precision than W_D; the products run at W_D's."""
+    def decode_with_norms(self, W_D_SD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum over a row's entries of value * W_D[col] (no bias), W_D's row norms, as `row_norms`). One autograd
+        node for both, so W_D's gradient from a penalty on the norms is added into the decoder's in place (one
+        pass over W_D, where separate nodes cost a product, a fresh W_D-sized tensor and autograd's sum). Under
+        autocast the values may come in a lower precision than W_D; the products run at W_D's."""
         return _SparseDecode.apply(self.values_N.to(W_D_SD.dtype), W_D_SD, self.rows_N, self.cols_N, self.offsets_B,
                                    self.by_latent)
 
@@ -145,28 +147,64 @@ def contiguous_transpose(a_SD: torch.Tensor) -> torch.Tensor:
     return out_DS
 
 
+def _norm_grad_scale(grad_S: torch.Tensor, norms_S: torch.Tensor) -> torch.Tensor:
+    """(d_sae, 1) d loss / d W[s] = W[s] * this, from d loss / d ||W[s]||; 0 for a zero row, as autograd's."""
+    return (grad_S / norms_S).masked_fill_(norms_S == 0, 0).unsqueeze(1)
+
+
+class _RowNorms(torch.autograd.Function):
+    """||W[s]|| for each row s, with a backward of one pass over W: W * (grad / norm) per row. autograd's own
+    divides W by the norms, then multiplies by the gradient, two passes over the decoder in every dense
+    relu/jumprelu/gated step: 4.5 vs 2.3 ms at 8x on a 2-core CPU."""
+
+    @staticmethod
+    def forward(ctx, W_SD):  # type: ignore[override]
+        norms_S = torch.linalg.vector_norm(W_SD, dim=1)
+        ctx.save_for_backward(W_SD, norms_S)
+        return norms_S
+
+    @staticmethod
+    def backward(ctx, grad_S):  # type: ignore[override]
+        W_SD, norms_S = ctx.saved_tensors
+        return W_SD * _norm_grad_scale(grad_S, norms_S).to(W_SD.dtype)
+
+
+def row_norms(W_SD: torch.Tensor) -> torch.Tensor:
+    """(d_sae,) the norm of each row of W, differentiable (`_RowNorms`)."""
+    return _RowNorms.apply(W_SD)
+
+
 class _SparseDecode(torch.autograd.Function):
-    """embedding_bag's forward over the non-zero entries; a backward that does not sort (embedding_bag's own sorts
-    the indices for W's gradient, several times the cost of the products on a CPU): W_D's gradient is a product
-    over the step's entries in latent order (`ByLatent`, sorted once for it and W_E's). The values' gradient is
-    taken at every entry (a zero one's moves JumpReLU's threshold); W_D's only from the non-zero ones."""
+    """embedding_bag's forward over the non-zero entries, and W_D's row norms; a backward that does not sort
+    (embedding_bag's own sorts the indices for W's gradient, several times the cost of the products on a CPU):
+    W_D's gradient is a product over the step's entries in latent order (`ByLatent`, sorted once for it and
+    W_E's), to which the norms' gradient is added in place. The values' gradient is taken at every entry (a zero
+    one's moves JumpReLU's threshold); W_D's only from the non-zero ones."""
 
     @staticmethod
     def forward(ctx, values_N, W_D_SD, rows_N, cols_N, offsets_B, by_latent):  # type: ignore[override]
         nz_values_M, nz_rows_M, nz_cols_M = nonzero_entries(values_N, rows_N, cols_N)
         nz_offsets_B = offsets_B if len(nz_values_M) == len(values_N) else row_offsets(nz_rows_M, len(offsets_B))
-        ctx.save_for_backward(values_N, W_D_SD, cols_N, offsets_B)
+        norms_S = torch.linalg.vector_norm(W_D_SD, dim=1)
+        ctx.save_for_backward(values_N, W_D_SD, cols_N, offsets_B, norms_S)
         ctx.by_latent = by_latent  # index tensors, no autograd history
-        return weighted_row_sums(nz_cols_M, W_D_SD, nz_offsets_B, nz_values_M)
+        ctx.set_materialize_grads(False)  # the norms' gradient is None when no penalty reads them (TopK)
+        return weighted_row_sums(nz_cols_M, W_D_SD, nz_offsets_B, nz_values_M), norms_S
 
     @staticmethod
-    def backward(ctx, grad_BD):  # type: ignore[override]
-        values_N, W_D_SD, cols_N, offsets_B = ctx.saved_tensors
+    def backward(ctx, grad_BD, grad_norms_S):  # type: ignore[override]
+        values_N, W_D_SD, cols_N, offsets_B, norms_S = ctx.saved_tensors
         grad_values = grad_W_D = None
-        if ctx.needs_input_grad[0]:  # <grad[row], W_D[col]> at each entry
+        if ctx.needs_input_grad[0] and grad_BD is not None:  # <grad[row], W_D[col]> at each entry
             grad_values = sampled_dots(grad_BD.contiguous(), W_D_SD, offsets_B, cols_N)
         if ctx.needs_input_grad[1]:
-            grad_W_D = ctx.by_latent.transposed_product(values_N, grad_BD)
+            scale_S1 = None if grad_norms_S is None else _norm_grad_scale(grad_norms_S, norms_S).to(W_D_SD.dtype)
+            if grad_BD is not None:
+                grad_W_D = ctx.by_latent.transposed_product(values_N, grad_BD)
+                if scale_S1 is not None:
+                    grad_W_D.addcmul_(W_D_SD, scale_S1)
+            elif scale_S1 is not None:
+                grad_W_D = W_D_SD * scale_S1
         return grad_values, grad_W_D, None, None, None, None
 
 
