@@ -121,6 +121,26 @@ def test_the_decoder_gradient_is_projected_off_each_row() -> None:
     assert parallel.abs().max() < 1e-4 * sae.W_D.grad.norm()
 
 
+@pytest.mark.parametrize("chunk_rows", [5, None])  # 5: chunks of 5 rows, the last one short; None: one chunk
+def test_the_unit_norm_passes_over_row_chunks_match_the_whole_matrix(chunk_rows, monkeypatch) -> None:
+    from lm_saes.sae import model
+
+    sae = _sae("topk")
+    if chunk_rows:
+        monkeypatch.setattr(model, "ROW_CHUNK_BYTES", chunk_rows * sae.W_D.shape[1] * sae.W_D.element_size())
+    assert len(list(model._row_chunks(sae.W_D))) == (-(-len(sae.W_D) // chunk_rows) if chunk_rows else 1)
+    x = next(planted_stream(1))["h"]
+    sae.compute_loss(x, x, 0.0).loss.backward()
+    with torch.no_grad():
+        sae.W_D.mul_(torch.rand(len(sae.W_D), 1) + 0.5)  # rows off the unit sphere, as after Adam's step
+    w, g = sae.W_D.detach().clone(), sae.W_D.grad.clone()
+    sae.before_optimizer_step()
+    expected = g - (g * w).sum(dim=1, keepdim=True) / (w * w).sum(dim=1, keepdim=True) * w
+    torch.testing.assert_close(sae.W_D.grad, expected)
+    sae.after_optimizer_step()
+    torch.testing.assert_close(sae.W_D.detach(), w / w.norm(dim=1, keepdim=True))
+
+
 def test_relu_decoder_norms_stay_free(tmp_path) -> None:
     sae = _sae("relu")
     _fit(sae, 30, tmp_path, lr=1e-2)
