@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lm_saes.sae.sparse_step import SELECT_GROUP
+from lm_saes.sae.sparse_step import SELECT_GROUP, recycle, spare_or_empty
 
 
 def row_topk(pre_BS: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,7 +24,10 @@ def row_topk(pre_BS: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         return pre_BS.topk(k, dim=-1, sorted=False)
     n_groups = d_sae // group
     pre_BgG = pre_BS.view(batch, group, n_groups)
-    _, groups_BK = pre_BgG.amax(dim=1).topk(k, dim=-1, sorted=False)
+    # the maxima into a recycled tensor: at 32x, batch 4,096, they are 38 MB, which glibc would map afresh
+    maxima_BG = torch.amax(pre_BgG, dim=1, out=spare_or_empty((batch, n_groups), pre_BS))
+    _, groups_BK = maxima_BG.topk(k, dim=-1, sorted=False)
+    recycle(maxima_BG)
     members_BgK = pre_BgG.gather(2, groups_BK.unsqueeze(1).expand(batch, group, k))
     values_BK, slots_BK = members_BgK.flatten(1).topk(k, dim=-1, sorted=False)  # slot = member * k + group's place
     return values_BK, slots_BK.div(k, rounding_mode="floor") * n_groups + groups_BK.gather(1, slots_BK % k)
