@@ -46,8 +46,8 @@ class ActivationFunction(nn.Module):
     sae/sparse_step.py)."""
 
     def sparse_step_on(self) -> bool:
-        """Whether training steps go through `sparse_select` (else the variant's plain dense path): by default
-        while `sae.sparse_max_density` is above 0."""
+        """Whether training steps go through the sparse step's switch (`sparse_cut` or `sparse_select`; else the
+        variant's plain dense path): by default while `sae.sparse_max_density` is above 0."""
         return self.selects_sparse and self.cfg.sparse_max_density > 0
 
     def sparse_cut(self) -> torch.Tensor | None:
@@ -57,9 +57,10 @@ class ActivationFunction(nn.Module):
         return None
 
     def sparse_select(self, pre_BS: torch.Tensor, max_density: float) -> "Entries | None":
-        """For a variant without a `sparse_cut`: the entries of pre_BS (rows ascending) of the latents a sparse step needs: those that fire, and any that
-        have a gradient without firing. None: step densely on this batch (more than `max_density` of its latents
-        would be needed). Called once per training step, before `sparse_latents`."""
+        """For a variant without a `sparse_cut`: the entries of pre_BS (rows ascending) of the latents a sparse
+        step needs: those that fire, and any that have a gradient without firing. None: step densely on this batch
+        (more than `max_density` of its latents would be needed). Called once per training step, before
+        `sparse_latents`."""
         return None
 
     def sparse_latents(self, pre_N: torch.Tensor, cols_N: torch.Tensor) -> torch.Tensor:
