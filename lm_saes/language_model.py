@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from lm_saes.config_base import BaseConfig, Device, DType, check_device_available
+from lm_saes.config_base import BaseConfig, Device, DType, check_device_available, warn_if_slow_dtype
 from lm_saes.embedded_model import embedded_model_dir, is_embedded
 from lm_saes.errors import UserInputError
 from lm_saes.residual_forward import ResidualForward
@@ -45,6 +45,7 @@ class TransformerLensLanguageModel:
     def __init__(self, cfg: LanguageModelConfig, bridge: Any | None = None, fast_residual: bool = True) -> None:
         """`fast_residual=False` reads every hook point through the bridge (the benchmark's reference)."""
         self.cfg = cfg
+        warn_if_slow_dtype("model.dtype", cfg.dtype, cfg.device)
         self.bridge = bridge if bridge is not None else _boot(cfg)
         self.bridge.eval()
         self.tokenizer = self.bridge.tokenizer

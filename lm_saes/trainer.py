@@ -27,7 +27,7 @@ from lm_saes.checkpoint import (
     stream_section,
     unflatten_optimizer,
 )
-from lm_saes.config_base import BaseConfig, DType
+from lm_saes.config_base import BaseConfig, DType, warn_if_slow_dtype
 from lm_saes.errors import EmptyActivationStream
 from lm_saes.progress import TokenProgress
 from lm_saes.run_dir import METRICS_FILE, write_json_atomic
@@ -212,6 +212,9 @@ class _Run:
         self.optimizer = torch.optim.Adam(_param_groups(sae, cfg.lr), lr=cfg.lr, betas=cfg.betas,
                                           fused=torch.device(sae.cfg.device).type in ("cpu", "cuda"))
         self.state = TrainingState(sae.cfg.d_sae, sae.cfg.device)
+        if self.main:
+            warn_if_slow_dtype("sae.dtype", sae.cfg.dtype, sae.cfg.device)
+            warn_if_slow_dtype("trainer.amp_dtype", cfg.amp_dtype, sae.cfg.device)
         if resume_from is not None:
             sae.load_state_dict(resume_from.section("sae"))
             self.optimizer.load_state_dict(

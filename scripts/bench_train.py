@@ -57,6 +57,7 @@ from lm_saes import (
     train_sae,
     train_saes_together,
 )
+from lm_saes.config_base import cpu_has_bf16_matmul
 from lm_saes.sae.activation_functions import ACTIVATION_FUNCTIONS
 from lm_saes.sae.sparse_topk import row_topk
 
@@ -464,13 +465,14 @@ def forward_run(device: str, n_tokens: int, run_dir: Path, fast_residual: bool, 
     return {"tps": metrics["tokens_per_second"], "wall": wall, "ev": metrics["explained_variance"], "l0": metrics["l0"]}
 
 
-def forward_alone(device: str, repeat: int, hook: str = "blocks.6.hook_resid_post") -> list[float]:
+def forward_alone(device: str, repeat: int, ways: tuple[tuple[str, bool, str], ...],
+                  hook: str = "blocks.6.hook_resid_post") -> list[float]:
     """Tokens/s of the model's forward alone to `hook` (8 contexts of 256 tokens of the built-in corpus), for each
-    of FORWARD_WAYS, timed interleaved call by call (`round_robin`)."""
+    of `ways` (FORWARD_WAYS' rows), timed interleaved call by call (`round_robin`)."""
     from lm_saes.activation.packing import pack_documents
 
     models = {dtype: TransformerLensLanguageModel(LanguageModelConfig(device=device, dtype=dtype))
-              for dtype in dict.fromkeys(dtype for _, _, dtype in FORWARD_WAYS)}
+              for dtype in dict.fromkeys(dtype for _, _, dtype in ways)}
     texts = (row["text"] for row in load_dataset(DatasetConfig()))
     tokens_BT = torch.stack([c for _, c in zip(range(8), pack_documents(texts, models["float32"].tokenizer, 256))])
 
@@ -484,16 +486,17 @@ def forward_alone(device: str, repeat: int, hook: str = "blocks.6.hook_resid_pos
             model.residual = residual
         return run
 
-    seconds = round_robin([forward(fast, dtype) for _, fast, dtype in FORWARD_WAYS], device, repeat)
+    seconds = round_robin([forward(fast, dtype) for _, fast, dtype in ways], device, repeat)
     return [tokens_BT.numel() / sec for sec in seconds]
 
 
-def print_forward_table(device: str, n_tokens: int, rounds: int, repeat: int) -> None:
-    alone = forward_alone(device, repeat)
-    results: list[list[dict[str, float]]] = [[] for _ in FORWARD_WAYS]
+def print_forward_table(device: str, n_tokens: int, rounds: int, repeat: int,
+                        ways: tuple[tuple[str, bool, str], ...] = FORWARD_WAYS) -> None:
+    alone = forward_alone(device, repeat, ways)
+    results: list[list[dict[str, float]]] = [[] for _ in ways]
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(rounds):
-            for i, (_, fast, dtype) in enumerate(FORWARD_WAYS):
+            for i, (_, fast, dtype) in enumerate(ways):
                 results[i].append(forward_run(device, n_tokens, Path(tmp) / f"{round_}-{i}", fast, dtype))
     median = [{k: sorted(r[k] for r in runs)[len(runs) // 2] for k in runs[0]} for runs in results]
     table = Table(title=f"lm-saes train +sae=relu_8x end to end (SmolLM2-135M to blocks.6, on the fly), {n_tokens:,} "
@@ -502,7 +505,7 @@ def print_forward_table(device: str, n_tokens: int, rounds: int, repeat: int) ->
                 "wall s (with load)", "x before", "EV", "L0"):
         table.add_column(col, justify="left" if col in ("forward", "model dtype") else "right")
     base = median[0]
-    for (label, _, dtype), row, fwd in zip(FORWARD_WAYS, median, alone):
+    for (label, _, dtype), row, fwd in zip(ways, median, alone):
         table.add_row(label, dtype, f"{fwd:,.0f}", f"{fwd / alone[0]:.2f}", f"{row['tps']:,.0f}",
                       f"{row['tps'] / base['tps']:.2f}", f"{row['wall']:,.1f}", f"{base['wall'] / row['wall']:.2f}",
                       f"{row['ev']:.3f}", f"{row['l0']:.1f}")
@@ -538,13 +541,21 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4096, help="steps: rows per step")
     parser.add_argument("--widths", type=int, nargs="+", default=[8, 32], help="steps: expansion factors")
     parser.add_argument("--act-fns", nargs="+", default=sorted(ACTIVATION_FUNCTIONS), help="steps: variants")
-    parser.add_argument("--amp", nargs="+", default=["float32", "bfloat16"], help="steps: trainer.amp_dtype values")
+    parser.add_argument("--amp", nargs="+", default=None,
+                        help="steps: trainer.amp_dtype values (default: float32 bfloat16; float32 alone on a CPU "
+                             "without bf16 matrix kernels, where a bf16 product is ~100x an fp32 one)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="steps on cuda: the GPU's dense bf16 peak for MFU (default: looked up by device name)")
     args = parser.parse_args()
     device = args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         parser.exit(2, "bench_train.py: --device cuda but torch sees no CUDA device\n")
+    slow_bf16 = torch.device(device).type == "cpu" and not cpu_has_bf16_matmul()
+    if slow_bf16 and (args.amp is None or args.only == "forward"):
+        print(f"bf16 rows left out: this CPU has no bf16 matrix kernels (torch's CPU capability: "
+              f"{torch.backends.cpu.get_cpu_capability()}), so they would take hours; "
+              "--amp bfloat16 runs the step rows anyway")
+    args.amp = args.amp or (["float32"] if slow_bf16 else ["float32", "bfloat16"])
     if args.only == "cache":
         print_cache_table(device, args.cache_tokens)
         return
@@ -556,7 +567,8 @@ def main() -> None:
         print_grouped_table(device, args.cache_tokens)
         return
     if args.only == "forward":
-        print_forward_table(device, args.cache_tokens, args.rounds, args.steps)
+        ways = tuple(way for way in FORWARD_WAYS if not (slow_bf16 and way[2] == "bfloat16"))
+        print_forward_table(device, args.cache_tokens, args.rounds, args.steps, ways)
         return
 
     peak = matmul_peak(device, args.matmul_n, args.steps)
