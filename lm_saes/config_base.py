@@ -60,7 +60,6 @@ def check_device_available(device: str, key: str) -> None:
         raise UserInputError(key, device, "MPS (Apple GPU) is not available on this machine; use cpu")
 
 
-
 def cpu_has_bf16_matmul() -> bool:
     """Whether torch has fast bf16 matrix products on this CPU: oneDNN's bf16 kernels (on x86, AVX-512 or newer;
     native on CPUs with AVX-512 BF16 or AMX). Without them bf16 products are far slower than fp32 ones: on a
@@ -77,7 +76,7 @@ _WARNED_SLOW_DTYPE: set[str] = set()
 
 def warn_if_slow_dtype(key: str, dtype: torch.dtype, device: str) -> None:
     """Print a warning (once per key and process) when `key`=bfloat16 puts matrix products on a CPU that has no
-    bf16 kernels for them (`cpu_has_bf16_matmul`): the run is valid, only 5-100x slower than in float32."""
+    bf16 kernels for them (`cpu_has_bf16_matmul`): the run is valid, only 5-120x slower than in float32."""
     if dtype != torch.bfloat16 or torch.device(device).type != "cpu" or key in _WARNED_SLOW_DTYPE:
         return
     if cpu_has_bf16_matmul():
@@ -87,8 +86,9 @@ def warn_if_slow_dtype(key: str, dtype: torch.dtype, device: str) -> None:
 
     Console(file=sys.stderr).print(
         f"[yellow]warning:[/] {key}=bfloat16 on a CPU without bf16 matrix kernels (torch's CPU capability: "
-        f"{torch.backends.cpu.get_cpu_capability()}): its matrix products run 5-100x slower than in float32 "
+        f"{torch.backends.cpu.get_cpu_capability()}): its matrix products run 5-120x slower than in float32 "
         f"here; use {key}=float32 on this machine", highlight=False)
+
 
 Device = Annotated[str, BeforeValidator(parse_device)]
 
