@@ -5,6 +5,7 @@
     .venv/bin/python scripts/bench_train.py --only steps [--batch 4096] [--widths 8 32] [--act-fns relu topk]
     .venv/bin/python scripts/bench_train.py --only grouped [--cache-tokens 50000]
     .venv/bin/python scripts/bench_train.py --only forward [--cache-tokens 50000] [--rounds 1]
+    .venv/bin/python scripts/bench_train.py --only syncs --device cuda [--d-model 2048] [--widths 8]
 
 `--only steps` prints the trainer's SAE step for every act_fn, dense and sparse path, fp32 and bf16 autocast, at
 each width, with each row's ratio to its variant's dense fp32 step and a bare PyTorch loop of the ReLU math
@@ -23,6 +24,8 @@ through TransformerBridge (the path before the residual fast path: `fast_residua
 forward in fp32, and the same with `model.dtype=bfloat16`; the rounds interleave the three. It prints training
 tokens/s (generation + SAE step, as the progress bar counts them), wall time with model load, EV and L0, each
 with its ratio to the bridge's.
+`--only syncs` (cuda) counts the host syncs of one trainer step (not a log step) for every act_fn, dense and
+sparse path, by call site: torch's sync debug mode flags each op that makes the host wait for the GPU.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ import os
 import platform
 import tempfile
 import time
+import warnings
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -309,6 +314,45 @@ def print_step_table(device: str, d_model: int, widths: list[int], batch: int, s
             print_topk_phases(device, d_model, widths, batch, steps, run_dir)
 
 
+def step_syncs(device: str, d_model: int, expansion: int, batch: int, act_fn: str, sparse: bool,
+               run_dir: str) -> Counter[str]:
+    """The host syncs of one fp32 trainer step (not a log step), by call site ("file:line"), after two warm-up
+    steps: torch's sync debug mode warns at every op that makes the host wait for the GPU (`.item()`,
+    `nonzero`, a copy to the host). On a CPU nothing is flagged, and the count is 0."""
+    step, _ = trainer_step(device, d_model, expansion, batch, act_fn, sparse, "float32", run_dir)
+    step()
+    step()
+    sync(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if device.startswith("cuda"):
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            if device.startswith("cuda"):
+                torch.cuda.set_sync_debug_mode("default")
+    sync(device)
+    return Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+
+
+def print_sync_table(device: str, d_model: int, widths: list[int], batch: int, act_fns: list[str]) -> None:
+    table = Table(title=f"Host syncs in one trainer step (fp32, not a log step), d_model {d_model}, batch {batch}, "
+                        f"on {machine(device)}")
+    for col in ("width", "act_fn", "path", "syncs per step", "where (file:line x count)"):
+        table.add_column(col, justify="right" if col in ("width", "syncs per step") else "left")
+    with tempfile.TemporaryDirectory() as run_dir:
+        for expansion in widths:
+            for act_fn in act_fns:
+                for sparse in (False, True) if act_fn in SPARSE_PATHS else (False,):
+                    sites = step_syncs(device, d_model, expansion, batch, act_fn, sparse, run_dir)
+                    table.add_row(f"{expansion}x", act_fn, "sparse" if sparse else "dense", str(sum(sites.values())),
+                                  ", ".join(f"{site} x{n}" for site, n in sites.most_common()))
+                    if device.startswith("cuda"):
+                        torch.cuda.empty_cache()
+    Console(width=170).print(table)
+
+
 def gpu_peak_tflops(device: str) -> float | None:
     if not device.startswith("cuda"):
         return None
@@ -530,10 +574,11 @@ def main() -> None:
     parser.add_argument("--gen-tokens", type=int, default=16384, help="tokens of activation generation to time")
     parser.add_argument("--steps", type=int, default=5, help="timed repeats of the SAE step and the matmul")
     parser.add_argument("--matmul-n", type=int, default=4096, help="size of the square matmul that sets the peak")
-    parser.add_argument("--only", choices=("all", "cache", "steps", "grouped", "forward"), default="all",
+    parser.add_argument("--only", choices=("all", "cache", "steps", "grouped", "forward", "syncs"), default="all",
                         help="cache: only training from an activation cache vs on the fly; steps: only the SAE step "
                              "table; grouped: only the 4-job sweep as separate jobs, one group, and from a cache; "
-                             "forward: only lm-saes train end to end with the bridge's forward, the plain one, bf16")
+                             "forward: only lm-saes train end to end with the bridge's forward, the plain one, bf16; "
+                             "syncs: only the host syncs per trainer step, by call site (cuda)")
     parser.add_argument("--cache-tokens", type=int, default=50_000,
                         help="training tokens for the cache, grouped and forward comparisons")
     parser.add_argument("--rounds", type=int, default=1, help="forward: interleaved rounds of the three runs")
@@ -551,7 +596,7 @@ def main() -> None:
     if device.startswith("cuda") and not torch.cuda.is_available():
         parser.exit(2, "bench_train.py: --device cuda but torch sees no CUDA device\n")
     slow_bf16 = torch.device(device).type == "cpu" and not cpu_has_bf16_matmul()
-    if slow_bf16 and (args.amp is None or args.only == "forward"):
+    if slow_bf16 and args.only in ("all", "steps", "forward") and (args.amp is None or args.only == "forward"):
         print(f"bf16 rows left out: this CPU has no bf16 matrix kernels (torch's CPU capability: "
               f"{torch.backends.cpu.get_cpu_capability()}), so they would take hours; "
               "--amp bfloat16 runs the step rows anyway")
@@ -562,6 +607,11 @@ def main() -> None:
     if args.only == "steps":
         print_step_table(device, args.d_model, args.widths, args.batch, args.steps, args.act_fns, args.amp,
                          args.peak_tflops or gpu_peak_tflops(device))
+        return
+    if args.only == "syncs":
+        if not device.startswith("cuda"):
+            parser.exit(2, "bench_train.py: --only syncs counts GPU host syncs; it needs --device cuda\n")
+        print_sync_table(device, args.d_model, args.widths, args.batch, args.act_fns)
         return
     if args.only == "grouped":
         print_grouped_table(device, args.cache_tokens)
