@@ -229,6 +229,14 @@ def test_jumprelu_sparse_step_keeps_the_latents_just_below_the_threshold() -> No
     assert out.sparse is not None
     n_firing = int((out.sparse.values_N != 0).sum())
     assert 0 < n_firing < len(out.sparse.values_N)
+    # the products (decoder, W_D's, W_E's and x's gradients) read the firing entries alone, in both orders
+    firing = out.sparse.firing
+    assert firing.take_M is not None and torch.equal(firing.take_M, out.sparse.values_N.nonzero().squeeze(1))
+    assert torch.equal(firing.cols_M, out.sparse.cols_N[firing.take_M])
+    assert sorted(firing.by_latent.order_N.tolist()) == firing.take_M.tolist()
+    for name in ("relu", "topk", "batchtopk"):  # every entry they select fires: no `nonzero` (a GPU host sync)
+        _, other, _ = _step_fp64(name, 1.0)
+        assert other.sparse is not None and other.sparse.firing.take_M is None
 
 
 def test_relu_dense_step_takes_its_l1_from_the_decoder_product() -> None:

@@ -63,6 +63,12 @@ class ActivationFunction(nn.Module):
         `sparse_latents`."""
         return None
 
+    def sparse_firing(self, pre_N: torch.Tensor, cols_N: torch.Tensor) -> torch.Tensor | None:
+        """For a variant whose selection also holds entries that do not fire (selected for a gradient that is not
+        the latents'): the positions of those that do, ascending, which are all that the step's products read
+        (`sparse_step.Firing`). None: every selected entry fires (no `nonzero`, which is a host sync on a GPU)."""
+        return None
+
     def sparse_latents(self, pre_N: torch.Tensor, cols_N: torch.Tensor) -> torch.Tensor:
         """The latents at the selected entries (latent `cols_N`), from their pre-activations, with the gradient
         the dense forward gives them."""

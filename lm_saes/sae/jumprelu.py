@@ -92,6 +92,12 @@ class JumpReLU(ActivationFunction):
         with torch.no_grad():
             return self.threshold_S - self.bandwidth * 0.501
 
+    def sparse_firing(self, pre_N: torch.Tensor, cols_N: torch.Tensor) -> torch.Tensor:
+        # The window below the threshold is most of the selection (at 8x, batch 4,096, ~400 entries per row
+        # against ~50 firing); the same comparison as the forward's, so the products read exactly its non-zeros.
+        with torch.no_grad():
+            return (pre_N > self.threshold_S[cols_N]).nonzero().squeeze(1)
+
     def sparse_latents(self, pre_N: torch.Tensor, cols_N: torch.Tensor) -> torch.Tensor:
         return _JumpReLUFunction.apply(pre_N, self.threshold_S[cols_N], self.bandwidth)
 

@@ -240,8 +240,9 @@ class SparseAutoEncoder(nn.Module):
         if entries is None:
             return None, None, dense_pre(x_BD, self.W_E, self.b_E, pre_BS), None
         recycle(pre_BS)  # the entries are copies: the next step may write over it
-        pre_N, rows_N, cols_N, offsets_B, by_latent = sparse_pre(x_BD, self.W_E, self.b_E, entries)
-        latents = SparseLatents(af.sparse_latents(pre_N, cols_N), rows_N, cols_N, offsets_B, by_latent)
+        firing_M = af.sparse_firing(entries.pre_N, entries.cols_N)
+        pre_N, rows_N, cols_N, offsets_B, firing = sparse_pre(x_BD, self.W_E, self.b_E, entries, firing_M)
+        latents = SparseLatents(af.sparse_latents(pre_N, cols_N), rows_N, cols_N, offsets_B, firing)
         decoded_BD, decoder_norms_S = latents.decode_with_norms(self.W_D)
         sparsity = af.sparse_sparsity_loss(pre_N, latents.values_N, cols_N, decoder_norms_S, x_BD.shape[0])
         return latents, sparsity, None, decoded_BD

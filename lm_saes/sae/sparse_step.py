@@ -25,6 +25,36 @@ import torch
 import torch.nn.functional as F
 
 
+class Firing(NamedTuple):
+    """The selected entries that fire, which are all that the step's products read: the decoder, W_D's and W_E's
+    gradients and x's. A variant whose selection also holds entries that do not fire (JumpReLU's window below its
+    threshold, selected for the threshold's gradient: at 8x ~400 entries per row against ~50 firing) names the
+    firing ones once per step (`ActivationFunction.sparse_firing`); the entries that do not fire have a zero
+    value and a zero gradient there, so leaving them out changes no sum."""
+
+    take_M: torch.Tensor | None
+    """Their positions in the selected list (ascending), or None: every selected entry fires."""
+    cols_M: torch.Tensor
+    offsets_B: torch.Tensor
+    """Where each row's firing entries start."""
+    by_latent: "ByLatent"
+    """The firing entries in latent order, for the backward's G^T products (`order_N` indexes the whole list)."""
+
+    def take(self, values_N: torch.Tensor) -> torch.Tensor:
+        """The firing entries' values, from values at every selected entry."""
+        return values_N if self.take_M is None else values_N.index_select(0, self.take_M)
+
+    @classmethod
+    def of(cls, rows_N: torch.Tensor, cols_N: torch.Tensor, offsets_B: torch.Tensor, d_sae: int,
+           take_M: torch.Tensor | None) -> "Firing":
+        if take_M is None:
+            return cls(None, cols_N, offsets_B, ByLatent.of(rows_N, cols_N, d_sae))
+        rows_M, cols_M = rows_N.index_select(0, take_M), cols_N.index_select(0, take_M)
+        by_latent = ByLatent.of(rows_M, cols_M, d_sae)
+        return cls(take_M, cols_M, row_offsets(rows_M, len(offsets_B)),
+                   by_latent._replace(order_N=take_M.index_select(0, by_latent.order_N)))
+
+
 class SparseLatents(NamedTuple):
     """The selected entries of a batch's latents, sorted by row; the others are zero and carry no gradient."""
 
@@ -34,16 +64,15 @@ class SparseLatents(NamedTuple):
     cols_N: torch.Tensor
     offsets_B: torch.Tensor
     """Where each row's entries start in the lists (its end is the next row's start)."""
-    by_latent: "ByLatent"
-    """The same entries in latent order, for the backward's products."""
+    firing: Firing
+    """Those of them that fire, which the products read."""
 
     def decode_with_norms(self, W_D_SD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum over a row's entries of value * W_D[col] (no bias), W_D's row norms, as `row_norms`). One autograd
         node for both, so W_D's gradient from a penalty on the norms is added into the decoder's in place (one
         pass over W_D, where separate nodes cost a product, a fresh W_D-sized tensor and autograd's sum). Under
         autocast the values may come in a lower precision than W_D; the products run at W_D's."""
-        return _SparseDecode.apply(self.values_N.to(W_D_SD.dtype), W_D_SD, self.rows_N, self.cols_N, self.offsets_B,
-                                   self.by_latent)
+        return _SparseDecode.apply(self.values_N.to(W_D_SD.dtype), W_D_SD, self.cols_N, self.offsets_B, self.firing)
 
     def firing_counts(self, d_sae: int) -> torch.Tensor:
         """(d_sae,) number of rows on which each latent is non-zero. A scatter-add: no host sync on a GPU (a
@@ -52,24 +81,13 @@ class SparseLatents(NamedTuple):
         return torch.zeros(d_sae, dtype=torch.long, device=fired_N.device).scatter_add_(0, self.cols_N, fired_N)
 
 
-def nonzero_entries(values_N: torch.Tensor, *indices_N: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """(values, *indices) at the entries whose value is not zero (JumpReLU's window below the threshold: selected
-    for its gradient, often most of the list); the same tensors when every one is. One `nonzero` on a CPU; on a
-    GPU the same tensors (a zero entry adds nothing), since `nonzero`'s size is a host sync, which stalls it."""
-    if values_N.device.type != "cpu":
-        return values_N, *indices_N
-    kept_M = values_N.nonzero().squeeze(1)
-    if len(kept_M) == len(values_N):
-        return values_N, *indices_N
-    return tuple(t.index_select(0, kept_M) for t in (values_N, *indices_N))
-
-
 class ByLatent(NamedTuple):
     """A step's entries in latent order (G^T as a CSR list, G the sparse (batch, d_sae) matrix): sorted once,
     for both products G^T dense of the backward (W_D's gradient and W_E's)."""
 
     order_N: torch.Tensor
-    """Entry positions, sorted by latent (stably, so rows ascend within one)."""
+    """Entry positions, sorted by latent (stably, so rows ascend within one); with `Firing`, positions in the
+    whole selected list of the firing entries alone."""
     rows_N: torch.Tensor
     cols_N: torch.Tensor
     offsets_S: torch.Tensor
@@ -86,11 +104,9 @@ class ByLatent(NamedTuple):
         transpose (d, d_sae), contiguous. Latent s's row is the sum of its entries' dense rows weighted by their
         values: a bag of rows (`weighted_row_sums`). On a CPU that and the shared sort take about half the time of
         sparse addmm's scatter of an uncoalesced COO matrix (~200K entries: 13 vs 25 ms at 8x, 25 vs 47 ms at
-        32x). Zero entries are dropped first on a CPU (`nonzero_entries`: JumpReLU's window below the threshold is
-        most of its list; zero gradients add nothing)."""
-        values_M, rows_M, cols_M = nonzero_entries(values_N[self.order_N], self.rows_N, self.cols_N)
-        offsets_S = self.offsets_S if len(values_M) == len(values_N) else row_offsets(cols_M, len(self.offsets_S))
-        return weighted_row_sums(rows_M, dense_BD, offsets_S, values_M, transposed)
+        32x)."""
+        return weighted_row_sums(self.rows_N, dense_BD, self.offsets_S, values_N.index_select(0, self.order_N),
+                                 transposed)
 
 
 CACHE_BLOCK_BYTES = 3 << 19
@@ -180,18 +196,17 @@ class _SparseDecode(torch.autograd.Function):
     """embedding_bag's forward over the non-zero entries, and W_D's row norms; a backward that does not sort
     (embedding_bag's own sorts the indices for W's gradient, several times the cost of the products on a CPU):
     W_D's gradient is a product over the step's entries in latent order (`ByLatent`, sorted once for it and
-    W_E's), to which the norms' gradient is added in place. The values' gradient is taken at every entry (a zero
-    one's moves JumpReLU's threshold); W_D's only from the non-zero ones."""
+    W_E's), to which the norms' gradient is added in place. The values' gradient is taken at every selected
+    entry (one that does not fire moves JumpReLU's threshold); the decoding and W_D's gradient read the firing
+    ones only."""
 
     @staticmethod
-    def forward(ctx, values_N, W_D_SD, rows_N, cols_N, offsets_B, by_latent):  # type: ignore[override]
-        nz_values_M, nz_rows_M, nz_cols_M = nonzero_entries(values_N, rows_N, cols_N)
-        nz_offsets_B = offsets_B if len(nz_values_M) == len(values_N) else row_offsets(nz_rows_M, len(offsets_B))
+    def forward(ctx, values_N, W_D_SD, cols_N, offsets_B, firing):  # type: ignore[override]
         norms_S = torch.linalg.vector_norm(W_D_SD, dim=1)
         ctx.save_for_backward(values_N, W_D_SD, cols_N, offsets_B, norms_S)
-        ctx.by_latent = by_latent  # index tensors, no autograd history
+        ctx.by_latent = firing.by_latent  # index tensors, no autograd history
         ctx.set_materialize_grads(False)  # the norms' gradient is None when no penalty reads them (TopK)
-        return weighted_row_sums(nz_cols_M, W_D_SD, nz_offsets_B, nz_values_M), norms_S
+        return weighted_row_sums(firing.cols_M, W_D_SD, firing.offsets_B, firing.take(values_N)), norms_S
 
     @staticmethod
     def backward(ctx, grad_BD, grad_norms_S):  # type: ignore[override]
@@ -207,7 +222,7 @@ class _SparseDecode(torch.autograd.Function):
                     grad_W_D.addcmul_(W_D_SD, scale_S1)
             elif scale_S1 is not None:
                 grad_W_D = W_D_SD * scale_S1
-        return grad_values, grad_W_D, None, None, None, None
+        return grad_values, grad_W_D, None, None, None
 
 
 def sampled_dots(a_BD: torch.Tensor, b_SD: torch.Tensor, offsets_B: torch.Tensor, cols_N: torch.Tensor) -> torch.Tensor:
@@ -298,20 +313,24 @@ def entries_above(pre_BS: torch.Tensor, cut_S: torch.Tensor, max_density: float)
 
 def encoder_grads(
     needs_input_grad: tuple[bool, ...], x_BD: torch.Tensor, W_E_DS: torch.Tensor, grad_N: torch.Tensor,
-    cols_N: torch.Tensor, offsets_B: torch.Tensor, by_latent: ByLatent,
+    firing: Firing,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """(grad x, grad W_E, grad b_E) of pre = x W_E + b_E from the pre-activations' gradient at the selected entries."""
+    """(grad x, grad W_E, grad b_E) of pre = x W_E + b_E from the pre-activations' gradient at the selected entries
+    (zero at those that do not fire, so the products read the firing ones only)."""
     grad_N = grad_N.to(x_BD.dtype)  # autocast: the sparse products run at the weights' precision
     d_sae = W_E_DS.shape[1]
     grad_x = grad_W_E = grad_b_E = None
+    if needs_input_grad[0] or needs_input_grad[2]:
+        grad_M = firing.take(grad_N)
     if needs_input_grad[0]:
         # grad_x[b] = sum over b's entries of g * W_E[:, col]: a weighted bag of W_E's columns.
-        grad_x = F.embedding_bag(cols_N, W_E_DS.T.contiguous(), offsets_B, mode="sum", per_sample_weights=grad_N)
+        grad_x = F.embedding_bag(firing.cols_M, W_E_DS.T.contiguous(), firing.offsets_B, mode="sum",
+                                 per_sample_weights=grad_M)
     if needs_input_grad[1]:
         # grad_W_E = x^T G with G the sparse (batch x d_sae) gradient: (G^T x)^T as a sparse-dense product.
-        grad_W_E = by_latent.transposed_product(grad_N, x_BD, transposed=True)
+        grad_W_E = firing.by_latent.transposed_product(grad_N, x_BD, transposed=True)
     if needs_input_grad[2]:
-        grad_b_E = torch.zeros(d_sae, dtype=grad_N.dtype, device=grad_N.device).index_add_(0, cols_N, grad_N)
+        grad_b_E = torch.zeros(d_sae, dtype=grad_N.dtype, device=grad_N.device).index_add_(0, firing.cols_M, grad_M)
     return grad_x, grad_W_E, grad_b_E
 
 
@@ -320,17 +339,17 @@ class _SparsePre(torch.autograd.Function):
     `_DensePre` does); backward: encoder_grads."""
 
     @staticmethod
-    def forward(ctx, x_BD, W_E_DS, b_E_S, pre_N, cols_N, offsets_B, by_latent):  # type: ignore[override]
+    def forward(ctx, x_BD, W_E_DS, b_E_S, pre_N, firing):  # type: ignore[override]
         ctx.mark_dirty(pre_N)
-        ctx.save_for_backward(x_BD, W_E_DS, cols_N, offsets_B)
-        ctx.by_latent = by_latent  # index tensors, no autograd history
+        ctx.save_for_backward(x_BD, W_E_DS)
+        ctx.firing = firing  # index tensors, no autograd history
         return pre_N
 
     @staticmethod
     def backward(ctx, grad_N):  # type: ignore[override]
-        x_BD, W_E_DS, cols_N, offsets_B = ctx.saved_tensors
-        grads = encoder_grads(ctx.needs_input_grad, x_BD, W_E_DS, grad_N, cols_N, offsets_B, ctx.by_latent)
-        return *grads, None, None, None, None
+        x_BD, W_E_DS = ctx.saved_tensors
+        grads = encoder_grads(ctx.needs_input_grad, x_BD, W_E_DS, grad_N, ctx.firing)
+        return *grads, None, None
 
 
 class _DensePre(torch.autograd.Function):
@@ -433,12 +452,12 @@ def dense_pre(x_BD: torch.Tensor, W_E_DS: torch.Tensor, b_E_S: torch.Tensor, pre
     return _DensePre.apply(x_BD, W_E_DS, b_E_S, pre_BS)
 
 
-def sparse_pre(x_BD: torch.Tensor, W_E_DS: torch.Tensor, b_E_S: torch.Tensor,
-               entries: Entries) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, ByLatent]:
-    """(pre_N, rows, cols, offsets, the entries by latent) of the selected entries, pre_N with the sparse
-    encoder backward."""
+def sparse_pre(x_BD: torch.Tensor, W_E_DS: torch.Tensor, b_E_S: torch.Tensor, entries: Entries,
+               firing_M: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Firing]:
+    """(pre_N, rows, cols, offsets, the firing ones) of the selected entries, pre_N with the sparse encoder
+    backward; `firing_M`: the positions of those that fire (`ActivationFunction.sparse_firing`), None for all."""
     rows_N, cols_N, pre_N = entries
     offsets_B = row_offsets(rows_N, x_BD.shape[0])
-    by_latent = ByLatent.of(rows_N, cols_N, W_E_DS.shape[1])
-    pre_N = _SparsePre.apply(x_BD, W_E_DS, b_E_S, pre_N, cols_N, offsets_B, by_latent)
-    return pre_N, rows_N, cols_N, offsets_B, by_latent
+    firing = Firing.of(rows_N, cols_N, offsets_B, W_E_DS.shape[1], firing_M)
+    pre_N = _SparsePre.apply(x_BD, W_E_DS, b_E_S, pre_N, firing)
+    return pre_N, rows_N, cols_N, offsets_B, firing
