@@ -22,9 +22,10 @@ def step_totals(out: SAELoss, n: int, d_sae: int, preempted: bool) -> torch.Tens
     L0 is read off the firing counts (their total over the rows), not counted again over the latents."""
     fired_S = out.firing_counts(d_sae).double()
     sums = torch.stack([out.mse.double() * n, out.sparsity.double() * n, out.aux_k.double() * n, fired_S.sum()])
-    flags = torch.stack([(~torch.isfinite(out.loss)).double(), sums.new_tensor(float(preempted))])
+    # new_full, not new_tensor: a fill on the device, where new_tensor copies a host value over (a sync on a GPU)
+    flags = torch.stack([(~torch.isfinite(out.loss)).double(), sums.new_full((), float(preempted))])
     ev_sums = metrics.explained_variance_sums(out.target_BD, out.reconstruction_BD, out.mse)
-    return torch.cat([sums.new_tensor([float(n)]), sums, flags, ev_sums, fired_S])
+    return torch.cat([sums.new_full((1,), float(n)), sums, flags, ev_sums, fired_S])
 
 
 class StepTotals:

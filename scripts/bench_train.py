@@ -35,6 +35,7 @@ import os
 import platform
 import tempfile
 import time
+import traceback
 import warnings
 from collections import Counter
 from collections.abc import Callable
@@ -169,7 +170,8 @@ def trainer_step(device: str, d_model: int, expansion: int, batch: int, act_fn: 
         with torch.autocast(device_type=torch.device(device).type, dtype=tcfg.amp_dtype,
                             enabled=tcfg.amp_dtype != torch.float32):
             out = sae.compute_loss(x, x, 1.0)
-        return len(out.sparse.values_N) / batch if out.sparse is not None else float(out.l0())
+        # the entries the products read (JumpReLU also selects its window below the threshold, which they skip)
+        return len(out.sparse.firing.cols_M) / batch if out.sparse is not None else float(out.l0())
 
     return lambda: run.record(run.step(batch_dict, batch, preempted=False)), selected
 
@@ -323,8 +325,15 @@ def step_syncs(device: str, d_model: int, expansion: int, batch: int, act_fn: st
     step()
     step()
     sync(device)
-    with warnings.catch_warnings(record=True) as caught:
+    sites: Counter[str] = Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+        if "synchroniz" in str(message):
+            sites[call_site(filename, lineno)] += 1
+
+    with warnings.catch_warnings():
         warnings.simplefilter("always")
+        warnings.showwarning = record  # restored on leaving the block
         if device.startswith("cuda"):
             torch.cuda.set_sync_debug_mode("warn")
         try:
@@ -333,7 +342,18 @@ def step_syncs(device: str, d_model: int, expansion: int, batch: int, act_fn: st
             if device.startswith("cuda"):
                 torch.cuda.set_sync_debug_mode("default")
     sync(device)
-    return Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+    return sites
+
+
+def call_site(filename: str, lineno: int) -> str:
+    """"file:line" of the innermost lm_saes frame on the stack (where the sync was asked for), followed by the
+    frame the warning names when that is outside lm_saes (the torch function that synced)."""
+    ours = next((f for f in reversed(traceback.extract_stack()) if f"{os.sep}lm_saes{os.sep}" in f.filename), None)
+    named = f"{Path(filename).name}:{lineno}"
+    if ours is None:
+        return named
+    site = f"{Path(ours.filename).name}:{ours.lineno}"
+    return site if f"{os.sep}lm_saes{os.sep}" in filename else f"{site} ({named})"
 
 
 def print_sync_table(device: str, d_model: int, widths: list[int], batch: int, act_fns: list[str]) -> None:

@@ -274,6 +274,33 @@ def test_k_anneals_from_initial_to_final() -> None:
     assert ks == [20, 12, 4, 4]
 
 
+def test_k_is_kept_on_the_host_and_a_loaded_state_dict_sets_it() -> None:
+    # k is read once or twice a step; the host copy spares a GPU the sync of reading the buffer
+    sae = _sae("topk", top_k_initial=20, top_k_anneal_fraction=0.5)
+    af = sae.activation_function
+    af.set_progress(25, 100)
+    assert af.k == 12 and int(af.k_current) == 12
+    state = {k: v.clone() for k, v in sae.state_dict().items()}
+    state["activation_function.k_current"].fill_(7)
+    sae.load_state_dict(state)
+    assert af.k == 7
+    af.set_progress(90, 100)
+    assert af.k == 4
+
+
+def test_batchtopk_threshold_starts_at_the_smallest_positive_kept_value_then_moves_by_the_momentum() -> None:
+    sae = _sae("batchtopk", batchtopk_threshold_momentum=0.25)
+    af = sae.activation_function
+    af._update_threshold(torch.tensor([-1.0, 0.0]))  # nothing positive: nothing learned
+    assert not bool(af.threshold_initialized) and af.threshold.item() == 0.0
+    af._update_threshold(torch.tensor([3.0, 0.0, 2.0, -5.0]))
+    assert bool(af.threshold_initialized) and af.threshold.item() == 2.0
+    af._update_threshold(torch.tensor([6.0, 4.0]))
+    assert af.threshold.item() == pytest.approx(2.0 + 0.25 * (4.0 - 2.0))
+    af._update_threshold(torch.tensor([0.0]))
+    assert af.threshold.item() == pytest.approx(2.5)
+
+
 def test_aux_k_trains_only_dead_latents_on_the_residual() -> None:
     sae = _sae("topk", aux_k=8)
     x = torch.randn(32, 16)

@@ -231,7 +231,7 @@ def sampled_dots(a_BD: torch.Tensor, b_SD: torch.Tensor, offsets_B: torch.Tensor
     too tall for a block, and blocks of a single table were slower there (17 vs 15 ms)."""
     widths = [column_block(a_BD), column_block(b_SD)]
     width = None if None in widths else min(widths)
-    crow = torch.cat([offsets_B, offsets_B.new_tensor([len(cols_N)])])
+    crow = torch.cat([offsets_B, offsets_B.new_full((1,), len(cols_N))])  # a fill: new_tensor is a host copy
     dots_N = None
     for start in range(0, a_BD.shape[1], width or a_BD.shape[1]):
         stop = start + (width or a_BD.shape[1])

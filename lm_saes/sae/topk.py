@@ -17,6 +17,10 @@ if TYPE_CHECKING:
     from lm_saes.sae.config import SAEConfig
 
 
+def _forget_host_k(module: "TopK", incompatible_keys: object) -> None:
+    module._k = None  # the loaded buffer holds the k now
+
+
 class TopK(ActivationFunction):
     """Keep the k largest pre-activations per token (then ReLU). k may anneal from top_k_initial to top_k.
 
@@ -29,18 +33,23 @@ class TopK(ActivationFunction):
     def __init__(self, cfg: "SAEConfig") -> None:
         super().__init__(cfg)
         self.register_buffer("k_current", torch.tensor(cfg.top_k_initial or cfg.top_k, device=cfg.device))
+        self._k: int | None = None
+        """k_current as the last `set_progress` set it, kept on the host: reading the buffer is a host sync on a
+        GPU, once or twice a step. None before the first step and after a state dict is loaded."""
+        self.register_load_state_dict_post_hook(_forget_host_k)
 
     @property
     def k(self) -> int:
-        return int(self.k_current)
+        return self._k if self._k is not None else int(self.k_current)
 
     def set_progress(self, step: int, total_steps: int) -> None:
         start, end, span = self.cfg.top_k_initial, self.cfg.top_k, self.cfg.top_k_anneal_fraction
         if start is None or span <= 0:
-            self.k_current.fill_(end)
+            self._k = end
         else:
             t = min(step / total_steps / span, 1.0)
-            self.k_current.fill_(round(start + (end - start) * t))
+            self._k = round(start + (end - start) * t)
+        self.k_current.fill_(self._k)
 
     @classmethod
     def max_k(cls, cfg: "SAEConfig") -> int | None:
@@ -123,15 +132,17 @@ class BatchTopK(TopK):
         cand_BM, cols_BM = row_topk(pre_BS, min(4 * k, d_sae))
         values, picked = torch.relu(cand_BM).flatten().topk(n_keep, sorted=False)
         cut = values.min()
-        if cand_BM.shape[1] == d_sae or (cut > 0 and bool((torch.relu(cand_BM.min(dim=-1).values) < cut).all())):
+        # one host sync: whether the candidates hold the batch's own top k*batch
+        if cand_BM.shape[1] == d_sae or bool((cut > 0) & (torch.relu(cand_BM.min(dim=-1).values) < cut).all()):
             if torch.is_grad_enabled():
                 self._update_threshold(values.float())
-            keep_BM = torch.zeros(cand_BM.numel(), dtype=torch.bool, device=pre_BS.device).index_fill_(0, picked, True)
-            rows_N, slots_N = keep_BM.view_as(cand_BM).nonzero().unbind(1)
+            # the picked positions in row order: sorted, as a mask's `nonzero` would give them, whose size is a
+            # host sync on a GPU (topk's indices are distinct, and there are n_keep of them)
+            flat_N = picked.sort().values
+            rows_N, slots_N = flat_N // cand_BM.shape[1], flat_N % cand_BM.shape[1]
             return Entries(rows_N, cols_BM[rows_N, slots_N], cand_BM[rows_N, slots_N])
         _, indices = self._batch_topk(pre_BS, k, learn_threshold=True)
-        keep = torch.zeros(pre_BS.numel(), dtype=torch.bool, device=pre_BS.device).index_fill_(0, indices, True)
-        return Entries.from_flat(pre_BS, keep.nonzero().squeeze(1))
+        return Entries.from_flat(pre_BS, indices.sort().values)
 
     def _batch_topk(self, pre_BS: torch.Tensor, k: int, learn_threshold: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, flat indices) of the k*batch largest relu(pre); with `learn_threshold`, updates the threshold."""
@@ -143,21 +154,20 @@ class BatchTopK(TopK):
 
     @torch.no_grad()
     def _update_threshold(self, kept: torch.Tensor) -> None:
-        positive = kept[kept > 0]
+        """Move the threshold toward the smallest positive kept value, on the device: no value is read back (a host
+        sync on a GPU); a batch with no positive value leaves it as it was."""
+        positive = kept > 0
+        has_positive = positive.any()
         # Data-parallel ranks each see their own batch: they move the threshold by the mean of their
         # smallest kept values, so that it stays the same on every rank (a no-op in a single process).
-        local = torch.stack([positive.min() if positive.numel() else positive.new_zeros(()),
-                             positive.new_tensor(float(positive.numel() > 0))])
+        local = torch.stack([torch.where(positive, kept, kept.new_full((), float("inf"))).min()
+                             .where(has_positive, kept.new_zeros(())), has_positive.to(kept.dtype)])
         smallest_sum, n_ranks = distributed.all_reduce_sum(local)
-        if n_ranks == 0:
-            return
-        smallest = (smallest_sum / n_ranks).to(self.threshold.dtype)
-        if not bool(self.threshold_initialized):
-            self.threshold.copy_(smallest)
-            self.threshold_initialized.fill_(True)
-        else:
-            weight = self._final_weight if self._final_weight is not None else self.cfg.batchtopk_threshold_momentum
-            self.threshold.lerp_(smallest, weight)
+        smallest = (smallest_sum / n_ranks.clamp_min(1)).to(self.threshold.dtype)
+        weight = self._final_weight if self._final_weight is not None else self.cfg.batchtopk_threshold_momentum
+        moved = torch.where(self.threshold_initialized, torch.lerp(self.threshold, smallest, weight), smallest)
+        self.threshold.copy_(torch.where(n_ranks > 0, moved, self.threshold))
+        self.threshold_initialized.logical_or_(n_ranks > 0)
 
 
 class MatryoshkaBatchTopK(BatchTopK):
