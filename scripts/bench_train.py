@@ -348,10 +348,12 @@ def step_syncs(device: str, d_model: int, expansion: int, batch: int, act_fn: st
 def call_site(filename: str, lineno: int) -> str:
     """"file:line" of the innermost lm_saes frame on the stack (where the sync was asked for), followed by the
     frame the warning names when that is outside lm_saes (the torch function that synced)."""
-    ours = next((f for f in reversed(traceback.extract_stack()) if f"{os.sep}lm_saes{os.sep}" in f.filename), None)
+    stack = traceback.extract_stack()
+    ours = next((f for f in reversed(stack) if f"{os.sep}lm_saes{os.sep}" in f.filename), None)
     named = f"{Path(filename).name}:{lineno}"
-    if ours is None:
-        return named
+    if ours is None:  # the innermost frames, to find who called
+        return " < ".join(f"{Path(f.filename).parent.name}/{Path(f.filename).name}:{f.lineno} {f.name}"
+                          for f in reversed(stack[-7:-2]))  # less this and `record`
     site = f"{Path(ours.filename).name}:{ours.lineno}"
     return site if f"{os.sep}lm_saes{os.sep}" in filename else f"{site} ({named})"
 
