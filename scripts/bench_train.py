@@ -6,6 +6,7 @@
     .venv/bin/python scripts/bench_train.py --only grouped [--cache-tokens 50000]
     .venv/bin/python scripts/bench_train.py --only forward [--cache-tokens 50000] [--rounds 1]
     .venv/bin/python scripts/bench_train.py --only syncs --device cuda [--d-model 2048] [--widths 8]
+    .venv/bin/python scripts/bench_train.py --only profile [--act-fns topk] [--amp bfloat16] [--steps 5]
 
 `--only steps` prints the trainer's SAE step for every act_fn, dense and sparse path, fp32 and bf16 autocast, at
 each width, with each row's ratio to its variant's dense fp32 step and a bare PyTorch loop of the ReLU math
@@ -26,6 +27,8 @@ tokens/s (generation + SAE step, as the progress bar counts them), wall time wit
 with its ratio to the bridge's.
 `--only syncs` (cuda) counts the host syncs of one trainer step (not a log step) for every act_fn, dense and
 sparse path, by call site: torch's sync debug mode flags each op that makes the host wait for the GPU.
+`--only profile` prints the ops of the sparse trainer step (dense for the act_fns without one) by self time on
+the device, from torch.profiler, for each act_fn, autocast dtype and width.
 """
 
 from __future__ import annotations
@@ -331,14 +334,15 @@ def step_syncs(device: str, d_model: int, expansion: int, batch: int, act_fn: st
         if "synchroniz" in str(message):
             sites[call_site(filename, lineno)] += 1
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # restores showwarning on leaving the block
         warnings.simplefilter("always")
-        warnings.showwarning = record  # restored on leaving the block
         if device.startswith("cuda"):
-            torch.cuda.set_sync_debug_mode("warn")
+            torch.cuda.set_sync_debug_mode("warn")  # its own first call warns too: not a sync, so not counted
+        warnings.showwarning = record
         try:
             step()
         finally:
+            warnings.showwarning = lambda *args, **kwargs: None
             if device.startswith("cuda"):
                 torch.cuda.set_sync_debug_mode("default")
     sync(device)
@@ -356,6 +360,38 @@ def call_site(filename: str, lineno: int) -> str:
                           for f in reversed(stack[-7:-2]))  # less this and `record`
     site = f"{Path(ours.filename).name}:{ours.lineno}"
     return site if f"{os.sep}lm_saes{os.sep}" in filename else f"{site} ({named})"
+
+
+def print_profile(device: str, d_model: int, widths: list[int], batch: int, steps: int, act_fns: list[str],
+                  amps: list[str], top: int = 12) -> None:
+    """Where one sparse trainer step's time goes, by kernel (torch.profiler over `steps` steps after two warm-up
+    ones): the `top` ops by self time on the device (CUDA kernels on a GPU, CPU ops on a CPU), each case in turn."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    with tempfile.TemporaryDirectory() as run_dir:
+        for expansion in widths:
+            for act_fn in act_fns:
+                for amp in amps:
+                    step, _ = trainer_step(device, d_model, expansion, batch, act_fn, act_fn in SPARSE_PATHS, amp,
+                                           run_dir)
+                    step()
+                    step()
+                    sync(device)
+                    start = time.perf_counter()
+                    with profile(activities=activities) as prof:
+                        for _ in range(steps):
+                            step()
+                        sync(device)
+                    ms = (time.perf_counter() - start) / steps * 1e3
+                    print(f"\n=== {expansion}x {act_fn} sparse {amp}: {ms:.2f} ms per step under the profiler "
+                          f"(d_model {d_model}, batch {batch}, {steps} steps; times below are totals over them)")
+                    print(prof.key_averages().table(sort_by=sort_by, row_limit=top, max_name_column_width=60))
+                    del step
+                    if cuda:
+                        torch.cuda.empty_cache()
 
 
 def print_sync_table(device: str, d_model: int, widths: list[int], batch: int, act_fns: list[str]) -> None:
@@ -596,11 +632,12 @@ def main() -> None:
     parser.add_argument("--gen-tokens", type=int, default=16384, help="tokens of activation generation to time")
     parser.add_argument("--steps", type=int, default=5, help="timed repeats of the SAE step and the matmul")
     parser.add_argument("--matmul-n", type=int, default=4096, help="size of the square matmul that sets the peak")
-    parser.add_argument("--only", choices=("all", "cache", "steps", "grouped", "forward", "syncs"), default="all",
+    parser.add_argument("--only", choices=("all", "cache", "steps", "grouped", "forward", "syncs", "profile"), default="all",
                         help="cache: only training from an activation cache vs on the fly; steps: only the SAE step "
                              "table; grouped: only the 4-job sweep as separate jobs, one group, and from a cache; "
                              "forward: only lm-saes train end to end with the bridge's forward, the plain one, bf16; "
-                             "syncs: only the host syncs per trainer step, by call site (cuda)")
+                             "syncs: only the host syncs per trainer step, by call site (cuda); "
+                             "profile: the ops of the sparse trainer step by self time (torch.profiler)")
     parser.add_argument("--cache-tokens", type=int, default=50_000,
                         help="training tokens for the cache, grouped and forward comparisons")
     parser.add_argument("--rounds", type=int, default=1, help="forward: interleaved rounds of the three runs")
@@ -629,6 +666,9 @@ def main() -> None:
     if args.only == "steps":
         print_step_table(device, args.d_model, args.widths, args.batch, args.steps, args.act_fns, args.amp,
                          args.peak_tflops or gpu_peak_tflops(device))
+        return
+    if args.only == "profile":
+        print_profile(device, args.d_model, args.widths, args.batch, args.steps, args.act_fns, args.amp)
         return
     if args.only == "syncs":
         if not device.startswith("cuda"):
