@@ -37,7 +37,7 @@ class Firing(NamedTuple):
     cols_M: torch.Tensor
     offsets_B: torch.Tensor
     """Where each row's firing entries start."""
-    by_latent: "ByLatent"
+    by_latent: ByLatent
     """The firing entries in latent order, for the backward's G^T products (`order_N` indexes the whole list)."""
 
     def take(self, values_N: torch.Tensor) -> torch.Tensor:
@@ -46,7 +46,7 @@ class Firing(NamedTuple):
 
     @classmethod
     def of(cls, rows_N: torch.Tensor, cols_N: torch.Tensor, offsets_B: torch.Tensor, d_sae: int,
-           take_M: torch.Tensor | None) -> "Firing":
+           take_M: torch.Tensor | None) -> Firing:
         if take_M is None:
             return cls(None, cols_N, offsets_B, ByLatent.of(rows_N, cols_N, d_sae))
         rows_M, cols_M = rows_N.index_select(0, take_M), cols_N.index_select(0, take_M)

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from lm_saes.sae.config import SAEConfig
 
 
-def _forget_host_k(module: "TopK", incompatible_keys: object) -> None:
+def _forget_host_k(module: TopK, incompatible_keys: object) -> None:
     module._k = None  # the loaded buffer holds the k now
 
 
