@@ -6,10 +6,11 @@ names the entries of the (batch, d_sae) latents the step needs (those that fire,
 zero although they do not fire, e.g. JumpReLU's below-threshold window), as a CSR-style list sorted by row:
 values, rows, cols and each row's offset; ReLU and JumpReLU name them by a cut per latent (`sparse_cut`: x W_E is
 compared with cut - b_E by `entries_above`, which reads the dense matrix once, by group maxima). Everything after
-that touches only those entries: the decoder is a bag of the selected rows of W_D, and the encoder's backward
-multiplies a sparse (batch x d_sae) gradient into dense matrices, never forming a tokens x d_sae tensor. On a CPU
-the bags read their tables in cache-sized column blocks (`weighted_row_sums`), and the step's large outputs are
-written into tensors recycled from the step before (`recycle`), not fresh ones.
+that touches only those entries, and the products only those of them that fire (`Firing`): the decoder is a bag of
+the firing rows of W_D, and the encoder's backward multiplies a sparse (batch x d_sae) gradient into dense
+matrices, never forming a tokens x d_sae tensor. On a CPU the bags read their tables in cache-sized column
+blocks (`weighted_row_sums`), and the step's large outputs are written into tensors recycled from the step before
+(`recycle`), not fresh ones.
 
 `dense_pre` is the other branch of the same switch: the pre-activations already computed for the decision,
 handed to autograd with the usual dense backward, so a dense step does not multiply twice.
