@@ -194,7 +194,7 @@ def row_norms(W_SD: torch.Tensor) -> torch.Tensor:
 
 
 class _SparseDecode(torch.autograd.Function):
-    """embedding_bag's forward over the non-zero entries, and W_D's row norms; a backward that does not sort
+    """embedding_bag's forward over the firing entries (`Firing`), and W_D's row norms; a backward that does not sort
     (embedding_bag's own sorts the indices for W's gradient, several times the cost of the products on a CPU):
     W_D's gradient is a product over the step's entries in latent order (`ByLatent`, sorted once for it and
     W_E's), to which the norms' gradient is added in place. The values' gradient is taken at every selected
